@@ -1,0 +1,1 @@
+"""Inference backends behind the `InferenceBackend` protocol (see base.py)."""

@@ -1,0 +1,54 @@
+"""The one small protocol the pipeline uses to run a model, whatever library runs it."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Protocol, runtime_checkable
+
+import numpy as np
+import numpy.typing as npt
+
+FloatArray = npt.NDArray[np.float32]
+
+
+class BackendError(RuntimeError):
+    """A backend could not be created or could not run a batch."""
+
+
+@dataclasses.dataclass(frozen=True)
+class TensorSpec:
+    """Name, shape and dtype of one model input or output.
+
+    A dimension that is not fixed by the model is `-1` (the batch dimension of a dynamic-batch
+    model, for example).
+    """
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str = "float32"
+
+
+@runtime_checkable
+class InferenceBackend(Protocol):
+    """A loaded model that turns a batch (N, C, H, W) into named outputs.
+
+    `outputs` is in the model's declared order; the registry maps that order to meaning
+    (for SCRFD: scores s8, s16, s32, boxes s8.., keypoints s8..). `infer` accepts any batch
+    size from 1 to `max_batch` and returns arrays whose first dimension is that batch size,
+    also for models whose raw outputs have no batch dimension.
+    """
+
+    name: str
+
+    @property
+    def inputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def outputs(self) -> list[TensorSpec]: ...
+
+    @property
+    def max_batch(self) -> int: ...
+
+    def infer(self, batch: FloatArray) -> dict[str, FloatArray]: ...
+
+    def close(self) -> None: ...
