@@ -181,9 +181,13 @@ def _validate(s: Settings) -> None:
             f"{s.ram_warm_pct}, {s.ram_hot_pct}, {s.ram_critical_pct}"
         )
     if s.temp_hysteresis_c < 0 or s.ram_hysteresis_pct < 0 or s.watchdog_min_dwell_s < 0:
-        raise ConfigError("TEMP_HYSTERESIS_C, RAM_HYSTERESIS_PCT, WATCHDOG_MIN_DWELL_S must be >= 0")
+        raise ConfigError(
+            "TEMP_HYSTERESIS_C, RAM_HYSTERESIS_PCT, WATCHDOG_MIN_DWELL_S must be >= 0"
+        )
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
-        raise ConfigError(f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level}")
+        raise ConfigError(
+            f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level}"
+        )
 
 
 _TRUE = {"1", "true", "yes", "on"}
@@ -225,14 +229,16 @@ def _parse(name: str, annotation: Any, raw: Any) -> Any:
     if annotation is str:
         return str(raw)
     if origin is tuple:
-        args = get_args(annotation)
-        items = [p.strip() for p in raw.split(",")] if isinstance(raw, str) else list(raw)
-        items = [i for i in items if i != ""]
-        if args and args[-1] is Ellipsis:
-            return tuple(_parse(name, args[0], i) for i in items)
-        if len(items) != len(args):
-            raise ConfigError(f"{env} must have {len(args)} comma-separated values, got {raw!r}")
-        return tuple(_parse(name, a, i) for a, i in zip(args, items, strict=True))
+        item_types = get_item_types(annotation)
+        parts: list[Any] = (
+            [p.strip() for p in raw.split(",")] if isinstance(raw, str) else list(raw)
+        )
+        items = [i for i in parts if i != ""]
+        if item_types and item_types[-1] is Ellipsis:
+            return tuple(_parse(name, item_types[0], i) for i in items)
+        if len(items) != len(item_types):
+            raise ConfigError(f"{env} must have {len(item_types)} comma-separated values, got {raw!r}")
+        return tuple(_parse(name, a, i) for a, i in zip(item_types, items, strict=True))
     raise ConfigError(f"{env}: unsupported setting type {annotation!r}")  # pragma: no cover
 
 

@@ -109,31 +109,72 @@ def _arcface(name: str, file_id: str, md5: str | None, description: str, **kw: A
 BUILTIN_MODELS: dict[str, ModelInfo] = {
     m.name: m
     for m in (
-        _scrfd("scrfd_500m_bnkps", "1ccagW08CyKJoeFAmL2ao7pjwr3_m_Zm1",
-               "03fd8fe67902798b7584b1e7ff3e0f6f", "SCRFD 0.5 GFLOPs, BatchNorm, keypoints"),
-        _scrfd("scrfd_2.5g_bnkps", "1yObTSsOYCJFn38uf6O6Hku-XEhK8-q0n",
-               "02710671a1af640b610b501383153868", "SCRFD 2.5 GFLOPs, BatchNorm, keypoints"),
-        _scrfd("scrfd_10g_bnkps", "1llbQa8HFle-45wscZulzGcNncPFgYruJ",
-               "2740f9259d46355ca5fa0d9b54943524", "SCRFD 10 GFLOPs, BatchNorm, keypoints"),
-        _scrfd("scrfd_500m_gnkps", "19CeBV03a3DEhZeas4olZn7GgiUESDu0L",
-               "ef4bcb0606d6e5ebf325f8322e507a7b", "SCRFD 0.5 GFLOPs, GroupNorm, keypoints"),
-        _scrfd("scrfd_2.5g_gnkps", "1_LeETpKhWL4sRPvLZEvka-bGNMN4tMOU",
-               "50febd32caa699ef7a47cf7422c56bbd", "SCRFD 2.5 GFLOPs, GroupNorm, keypoints"),
-        _scrfd("scrfd_10g_gnkps", "14BuXR6L73w1mwKXHPIcZlc9LYaid4Evl",
-               "1d9b64bb0e6e18d4838872c9e7efd709", "SCRFD 10 GFLOPs, GroupNorm, keypoints"),
-        _arcface("glintr100", "1TR_ImGvuY7Dt22a9BOAUAlHasFfkrJp-",
-                 "3b366b98f786426f79629ddb2e56629c", "ArcFace ResNet100 trained on Glint360K",
-                 normalized_in_graph=False),
-        _arcface("w600k_r50", "1_3WcTE64Mlt_12PZHNWdhVCRpoPiblwq",
-                 "80248d427976241cbd1343889ed132b3", "ArcFace ResNet50 trained on WebFace600K",
-                 normalized_in_graph=False),
-        _arcface("w600k_mbf", "1GtBKfGucgJDRLHvGWR3jOQovHYXY-Lpe",
-                 "c5b029527cb6f874e057613fc10bae1b", "ArcFace MobileFaceNet, WebFace600K",
-                 normalized_in_graph=False),
+        _scrfd(
+            "scrfd_500m_bnkps",
+            "1ccagW08CyKJoeFAmL2ao7pjwr3_m_Zm1",
+            "03fd8fe67902798b7584b1e7ff3e0f6f",
+            "SCRFD 0.5 GFLOPs, BatchNorm, keypoints",
+        ),
+        _scrfd(
+            "scrfd_2.5g_bnkps",
+            "1yObTSsOYCJFn38uf6O6Hku-XEhK8-q0n",
+            "02710671a1af640b610b501383153868",
+            "SCRFD 2.5 GFLOPs, BatchNorm, keypoints",
+        ),
+        _scrfd(
+            "scrfd_10g_bnkps",
+            "1llbQa8HFle-45wscZulzGcNncPFgYruJ",
+            "2740f9259d46355ca5fa0d9b54943524",
+            "SCRFD 10 GFLOPs, BatchNorm, keypoints",
+        ),
+        _scrfd(
+            "scrfd_500m_gnkps",
+            "19CeBV03a3DEhZeas4olZn7GgiUESDu0L",
+            "ef4bcb0606d6e5ebf325f8322e507a7b",
+            "SCRFD 0.5 GFLOPs, GroupNorm, keypoints",
+        ),
+        _scrfd(
+            "scrfd_2.5g_gnkps",
+            "1_LeETpKhWL4sRPvLZEvka-bGNMN4tMOU",
+            "50febd32caa699ef7a47cf7422c56bbd",
+            "SCRFD 2.5 GFLOPs, GroupNorm, keypoints",
+        ),
+        _scrfd(
+            "scrfd_10g_gnkps",
+            "14BuXR6L73w1mwKXHPIcZlc9LYaid4Evl",
+            "1d9b64bb0e6e18d4838872c9e7efd709",
+            "SCRFD 10 GFLOPs, GroupNorm, keypoints",
+        ),
+        _arcface(
+            "glintr100",
+            "1TR_ImGvuY7Dt22a9BOAUAlHasFfkrJp-",
+            "3b366b98f786426f79629ddb2e56629c",
+            "ArcFace ResNet100 trained on Glint360K",
+            normalized_in_graph=False,
+        ),
+        _arcface(
+            "w600k_r50",
+            "1_3WcTE64Mlt_12PZHNWdhVCRpoPiblwq",
+            "80248d427976241cbd1343889ed132b3",
+            "ArcFace ResNet50 trained on WebFace600K",
+            normalized_in_graph=False,
+        ),
+        _arcface(
+            "w600k_mbf",
+            "1GtBKfGucgJDRLHvGWR3jOQovHYXY-Lpe",
+            "c5b029527cb6f874e057613fc10bae1b",
+            "ArcFace MobileFaceNet, WebFace600K",
+            normalized_in_graph=False,
+        ),
         # No checksum is published for the MXNet conversion: it needs trust_unverified.
-        _arcface("arcface_r100_v1", "1sj170K3rbo5iOdjvjHw-hKWvXgH4dld3", None,
-                 "ArcFace ResNet100 converted from MXNet (normalises inside the graph)",
-                 normalized_in_graph=True, preprocess=RAW_PREPROCESS),
+        _arcface(
+            "arcface_r100_v1",
+            "1sj170K3rbo5iOdjvjHw-hKWvXgH4dld3",
+            None,
+            "ArcFace ResNet100 converted from MXNet (normalises inside the graph)",
+            normalized_in_graph=True,
+            preprocess=RAW_PREPROCESS,
+        ),
     )
 }
 
@@ -142,12 +183,18 @@ DEMO_DETECTOR = "demo_scrfd"
 DEMO_RECOGNIZER = "demo_arcface"
 DEMO_MODELS: dict[str, ModelInfo] = {
     DEMO_DETECTOR: ModelInfo(
-        name=DEMO_DETECTOR, family="scrfd", file=f"{DEMO_DETECTOR}.onnx",
-        input_shape=(3, 640, 640), description="generated SCRFD-signature test detector",
+        name=DEMO_DETECTOR,
+        family="scrfd",
+        file=f"{DEMO_DETECTOR}.onnx",
+        input_shape=(3, 640, 640),
+        description="generated SCRFD-signature test detector",
     ),
     DEMO_RECOGNIZER: ModelInfo(
-        name=DEMO_RECOGNIZER, family="arcface", file=f"{DEMO_RECOGNIZER}.onnx",
-        input_shape=(3, 112, 112), normalized_in_graph=False,
+        name=DEMO_RECOGNIZER,
+        family="arcface",
+        file=f"{DEMO_RECOGNIZER}.onnx",
+        input_shape=(3, 112, 112),
+        normalized_in_graph=False,
         description="generated ArcFace-signature test recognizer",
     ),
 }
@@ -166,13 +213,19 @@ def _from_override(name: str, entry: Mapping[str, Any], base: ModelInfo | None) 
     values.update({k: v for k, v in entry.items() if k in _OVERRIDE_KEYS})
     family = values.get("family")
     if family not in FAMILIES:
-        raise RegistryError(f"override for {name!r}: family must be one of {FAMILIES}, got {family!r}")
+        raise RegistryError(
+            f"override for {name!r}: family must be one of {FAMILIES}, got {family!r}"
+        )
     if "file" not in values:
         values["file"] = f"{name}.onnx"
     if "input_shape" not in values:
         values["input_shape"] = (3, 640, 640) if family == "scrfd" else (3, 112, 112)
     shape = values["input_shape"]
-    if not (isinstance(shape, (list, tuple)) and len(shape) == 3 and all(isinstance(d, int) for d in shape)):
+    if not (
+        isinstance(shape, (list, tuple))
+        and len(shape) == 3
+        and all(isinstance(d, int) for d in shape)
+    ):
         raise RegistryError(f"override for {name!r}: input_shape must be [C, H, W]")
     values["input_shape"] = tuple(shape)
     if values.get("output_order") is not None:
@@ -182,8 +235,12 @@ def _from_override(name: str, entry: Mapping[str, Any], base: ModelInfo | None) 
         raise RegistryError(f"override for {name!r}: checksum must be 'algorithm:hexdigest'")
     preprocess = base.preprocess if base else None
     if "mean" in entry or "std" in entry:
-        preprocess = Preprocess(mean=float(entry.get("mean", 127.5)), std=float(entry.get("std", 127.5)))
-    return ModelInfo(name=name, preprocess=preprocess, **{k: v for k, v in values.items() if k != "name"})
+        preprocess = Preprocess(
+            mean=float(entry.get("mean", 127.5)), std=float(entry.get("std", 127.5))
+        )
+    return ModelInfo(
+        name=name, preprocess=preprocess, **{k: v for k, v in values.items() if k != "name"}
+    )
 
 
 class ModelRegistry:

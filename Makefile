@@ -1,0 +1,57 @@
+# Humans and CI use the same commands: `make run` and `make test` are the README's two set-up
+# commands. Each creates (or reuses) the virtual environment and installs what it needs,
+# Debian/Ubuntu packages included (as root, or through sudo).
+
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+STAMP := $(VENV)/.installed
+SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
+
+.PHONY: run test test-fast lint typecheck format bench clean system-deps
+
+system-deps:
+	@if command -v apt-get >/dev/null; then \
+		pkgs=$$(grep -hv '^\s*#' requirements-apt.txt | xargs); \
+		missing=$$(for p in $$pkgs; do dpkg -s $$p >/dev/null 2>&1 || echo $$p; done | xargs); \
+		if [ -n "$$missing" ]; then \
+			echo "Installing Debian packages: $$missing"; \
+			$(SUDO) apt-get update -qq && DEBIAN_FRONTEND=noninteractive $(SUDO) apt-get install -y -qq --no-install-recommends $$missing; \
+		fi; \
+	else echo "apt-get not found: install the packages in requirements-apt.txt yourself"; fi
+
+$(STAMP): pyproject.toml requirements-apt.txt $(wildcard requirements-ansible.txt)
+	$(MAKE) system-deps
+	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip wheel setuptools
+	$(PY) -m pip install -q -e '.[dev]' $(if $(wildcard requirements-ansible.txt),-r requirements-ansible.txt)
+	# TensorRT itself only installs on Jetson; its stubs let mypy check the backend anywhere.
+	$(PY) -m pip install -q --no-deps tensorrt-stubs
+	touch $(STAMP)
+
+run: $(STAMP)
+	$(VENV)/bin/appliance serve --fallback-demo
+
+test: $(STAMP)
+	$(PY) -m pytest
+
+test-fast: $(STAMP)
+	$(PY) -m pytest -m "not slow"
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check appliance tests benchmarks
+	$(VENV)/bin/ruff format --check appliance tests benchmarks
+	$(VENV)/bin/mypy appliance
+
+typecheck: $(STAMP)
+	$(VENV)/bin/mypy appliance
+
+format: $(STAMP)
+	$(VENV)/bin/ruff format appliance tests benchmarks
+	$(VENV)/bin/ruff check --fix appliance tests benchmarks
+
+bench: $(STAMP)
+	$(PY) benchmarks/serving_overhead.py
+
+clean:
+	rm -rf $(VENV) .mypy_cache .ruff_cache .pytest_cache test-artifacts

@@ -1,0 +1,226 @@
+"""`create_app(settings)`: the aiohttp application with every long-lived resource.
+
+Each resource is created and torn down in one cleanup-context generator and stored under a
+typed AppKey. Models are loaded at start-up, so a missing or corrupt model fails the start,
+never a user's first request.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+from collections.abc import AsyncIterator, Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+
+from appliance.api import middleware, openapi, rest, state, stream
+from appliance.api.metrics import Metrics
+from appliance.api.policy import PolicyBoard
+from appliance.api.urls import make_session
+from appliance.backends.base import BackendError, InferenceBackend
+from appliance.backends.factory import ResolvedBackend, open_backend, resolve_backend
+from appliance.config import Settings
+from appliance.models import onnx_graph
+from appliance.models.registry import DEMO_DETECTOR, DEMO_RECOGNIZER, ModelInfo, ModelRegistry
+from appliance.pipeline.batcher import DynamicBatcher
+from appliance.pipeline.faces import FaceAnalyzer, ModelSlot
+from appliance.pipeline.images import ImageDecoder
+
+log = structlog.get_logger("appliance.app")
+
+
+class StartupError(RuntimeError):
+    """The appliance cannot start; the message says what to fix."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    info: ModelInfo
+    path: Path
+    backend: InferenceBackend
+    normalizes_input: bool
+    sha256: str
+
+
+def model_names(settings: Settings) -> tuple[str, str]:
+    if settings.demo_models:
+        return DEMO_DETECTOR, DEMO_RECOGNIZER
+    return settings.det_model, settings.rec_model
+
+
+def locate_model(settings: Settings, registry: ModelRegistry, name: str) -> tuple[ModelInfo, Path]:
+    """The model's verified file; raises StartupError with the fix when it is missing or bad."""
+    info = registry.get(name)
+    if settings.demo_models:
+        return info, settings.models_dir / info.file
+    try:
+        from appliance.models.store import ModelStore, ModelStoreError
+    except ImportError:  # TEMP until store lands
+        return info, settings.models_dir / info.file
+    store = ModelStore(settings.models_dir, registry, trust_unverified=settings.trust_unverified)
+    try:
+        return info, store.require(name)
+    except ModelStoreError as exc:
+        raise StartupError(str(exc)) from None
+
+
+def load_model(
+    kind: ResolvedBackend, settings: Settings, info: ModelInfo, path: Path, max_batch: int
+) -> LoadedModel:
+    graph = onnx_graph.load(path)
+    normalizes = info.normalized_in_graph
+    if normalizes is None:
+        normalizes = onnx_graph.normalizes_input(graph)
+    del graph
+    backend = open_backend(kind, settings, info, path, max_batch)
+    return LoadedModel(info, path, backend, normalizes, onnx_graph.sha256_file(path))
+
+
+def detector_input_size(settings: Settings, backend: InferenceBackend) -> tuple[int, int]:
+    shape = backend.inputs[0].shape
+    height, width = shape[2], shape[3]
+    if height > 0 and width > 0 and (width, height) != settings.max_size:
+        raise StartupError(
+            f"MAX_SIZE is {settings.max_size[0]},{settings.max_size[1]} but the detector "
+            f"{backend.name} has a fixed {width}x{height} input; set MAX_SIZE={width},{height}"
+        )
+    return settings.max_size
+
+
+def _describe(model: LoadedModel, input_size: tuple[int, int], max_batch: int) -> dict[str, Any]:
+    return {
+        "name": model.info.name,
+        "family": model.info.family,
+        "file": str(model.path),
+        "sha256": model.sha256,
+        "checksum": model.info.checksum,
+        "input_size": list(input_size),
+        "max_batch": max_batch,
+        "normalizes_input": model.normalizes_input,
+    }
+
+
+async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
+    executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
+    app[state.EXECUTOR] = executor
+    yield
+    executor.shutdown(wait=True, cancel_futures=True)
+
+
+async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[state.SETTINGS]
+    metrics = app[state.METRICS]
+    det_name, rec_name = model_names(settings)
+
+    def load_all() -> tuple[str, LoadedModel, LoadedModel]:
+        if settings.demo_models:
+            from appliance.testing.models import build_demo_models
+
+            build_demo_models(settings.models_dir, settings.max_size)
+        registry = ModelRegistry.load(settings.override_file)
+        det_info, det_path = locate_model(settings, registry, det_name)
+        rec_info, rec_path = locate_model(settings, registry, rec_name)
+        if det_info.family != "scrfd" or rec_info.family != "arcface":
+            raise StartupError(
+                f"DET_MODEL must be an scrfd model and REC_MODEL an arcface model; got "
+                f"{det_name} ({det_info.family}) and {rec_name} ({rec_info.family})"
+            )
+        kind = resolve_backend(settings)
+        det = load_model(kind, settings, det_info, det_path, settings.det_batch_size)
+        try:
+            rec = load_model(kind, settings, rec_info, rec_path, settings.rec_batch_size)
+        except BaseException:
+            det.backend.close()
+            raise
+        return kind, det, rec
+
+    try:
+        kind, det, rec = await asyncio.to_thread(load_all)
+    except BackendError as exc:
+        raise StartupError(str(exc)) from None
+    det_size = detector_input_size(settings, det.backend)
+
+    def observer(model: str) -> Callable[[list[str], float], None]:
+        return lambda tags, seconds: metrics.observe_batch(model, tags, seconds)
+
+    det_batcher = DynamicBatcher(
+        "detector",
+        det.backend.infer,
+        det.backend.max_batch,
+        settings.batch_window_ms,
+        settings.max_queue,
+        observer("detector"),
+    )
+    rec_batcher = DynamicBatcher(
+        "recognizer",
+        rec.backend.infer,
+        rec.backend.max_batch,
+        settings.batch_window_ms,
+        settings.max_queue,
+        observer("recognizer"),
+    )
+    metrics.queue_depth.labels("detector").set_function(lambda: det_batcher.depth)
+    metrics.queue_depth.labels("recognizer").set_function(lambda: rec_batcher.depth)
+    det_batcher.start()
+    rec_batcher.start()
+    app[state.ANALYZER] = FaceAnalyzer(
+        ModelSlot(det.info, det_batcher, tuple(o.name for o in det.backend.outputs), det_size),
+        ModelSlot(
+            rec.info,
+            rec_batcher,
+            tuple(o.name for o in rec.backend.outputs),
+            (112, 112),
+            rec.normalizes_input,
+        ),
+        app[state.EXECUTOR],
+    )
+    models = app[state.MODELS]
+    models.backend = kind
+    models.detector = _describe(det, det_size, det.backend.max_batch)
+    models.recognizer = _describe(rec, (112, 112), rec.backend.max_batch)
+    models.loaded = True
+    log.info(
+        "models_loaded",
+        backend=kind,
+        detector=det.info.name,
+        recognizer=rec.info.name,
+        det_batch=det.backend.max_batch,
+        rec_batch=rec.backend.max_batch,
+    )
+    yield
+    models.loaded = False
+    await det_batcher.stop()
+    await rec_batcher.stop()
+    det.backend.close()
+    rec.backend.close()
+
+
+async def url_session_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[state.SETTINGS]
+    session = make_session(settings.url_allowlist, settings.url_timeout_s)
+    app[state.URL_SESSION] = session
+    yield
+    await session.close()
+
+
+def create_app(settings: Settings) -> web.Application:
+    app = web.Application(
+        client_max_size=settings.max_body_bytes, middlewares=middleware.MIDDLEWARES
+    )
+    app[state.SETTINGS] = settings
+    app[state.METRICS] = Metrics()
+    app[state.DECODER] = ImageDecoder.create(settings.max_image_pixels)
+    app[state.MODELS] = state.ModelsState(backend="none", detector={}, recognizer={})
+    app[state.INFO_PROVIDERS] = {}
+    app[state.READINESS_CHECKS] = {}
+    app[state.POLICY] = PolicyBoard()
+    app.cleanup_ctx.extend([executor_ctx, models_ctx, url_session_ctx])
+    app.add_routes(rest.routes)
+    app.add_routes(openapi.routes)
+    stream.setup_streams(app)
+    return app

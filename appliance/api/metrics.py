@@ -1,0 +1,81 @@
+"""Prometheus metrics of one app, in their own registry (no process-global state)."""
+
+from __future__ import annotations
+
+from collections import Counter as TagCounter
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0)
+BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 64)
+
+
+class Metrics:
+    def __init__(self) -> None:
+        self.registry = CollectorRegistry()
+        r = self.registry
+        self.request_latency = Histogram(
+            "appliance_http_request_duration_seconds",
+            "HTTP request latency",
+            ["method", "route", "status"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.errors = Counter(
+            "appliance_errors_total", "Error responses by code", ["code"], registry=r
+        )
+        self.images = Counter(
+            "appliance_images_total", "Images processed by outcome", ["status"], registry=r
+        )
+        self.faces = Counter("appliance_faces_detected_total", "Faces detected", registry=r)
+        self.batch_size = Histogram(
+            "appliance_batch_size",
+            "Items per backend call",
+            ["model"],
+            buckets=BATCH_BUCKETS,
+            registry=r,
+        )
+        self.batch_seconds = Histogram(
+            "appliance_batch_duration_seconds",
+            "Backend time per batch",
+            ["model"],
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+        self.backend_calls = Counter(
+            "appliance_backend_calls_total", "Backend calls", ["model"], registry=r
+        )
+        self.batch_items = Counter(
+            "appliance_batch_items_total",
+            "Items run, by where they came from",
+            ["model", "source"],
+            registry=r,
+        )
+        self.mixed_batches = Counter(
+            "appliance_mixed_batches_total",
+            "Batches that mixed work from several sources (REST and streams)",
+            ["model"],
+            registry=r,
+        )
+        self.queue_depth = Gauge(
+            "appliance_queue_depth", "Items waiting in a batcher", ["model"], registry=r
+        )
+        self.queue_rejections = Counter(
+            "appliance_queue_rejections_total",
+            "Work refused because a queue was full",
+            ["model"],
+            registry=r,
+        )
+
+    def observe_batch(self, model: str, tags: list[str], seconds: float) -> None:
+        self.batch_size.labels(model).observe(len(tags))
+        self.batch_seconds.labels(model).observe(seconds)
+        self.backend_calls.labels(model).inc()
+        counts = TagCounter(tags)
+        for source, n in counts.items():
+            self.batch_items.labels(model, source or "unknown").inc(n)
+        if len(counts) > 1:
+            self.mixed_batches.labels(model).inc()
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)

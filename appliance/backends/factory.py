@@ -1,0 +1,49 @@
+"""Choose and open an inference backend by name: `trt` on a Jetson, `onnx` everywhere else."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from appliance.backends.base import BackendError, InferenceBackend
+from appliance.config import Settings
+from appliance.models.registry import ModelInfo
+
+ResolvedBackend = Literal["trt", "onnx"]
+
+
+def tensorrt_usable() -> tuple[bool, str]:
+    """Whether TensorRT, pycuda and a CUDA GPU are all present, and why not if they are not."""
+    try:
+        from appliance.backends.tensorrt import tensorrt_available
+    except ImportError as exc:  # the module itself must import everywhere; guard anyway
+        return False, f"TensorRT backend unavailable: {exc}"
+    return tensorrt_available()
+
+
+def resolve_backend(settings: Settings) -> ResolvedBackend:
+    """Map INFERENCE_BACKEND (auto | trt | onnx) to the backend that will run."""
+    if settings.inference_backend == "onnx":
+        return "onnx"
+    usable, reason = tensorrt_usable()
+    if settings.inference_backend == "trt":
+        if not usable:
+            raise BackendError(f"INFERENCE_BACKEND=trt but TensorRT cannot be used here: {reason}")
+        return "trt"
+    return "trt" if usable else "onnx"
+
+
+def open_backend(
+    kind: ResolvedBackend,
+    settings: Settings,
+    info: ModelInfo,
+    model_path: Path,
+    max_batch: int,
+) -> InferenceBackend:
+    if kind == "onnx":
+        from appliance.backends.onnxruntime import OnnxRuntimeBackend
+
+        return OnnxRuntimeBackend(model_path, info, max_batch=max_batch)
+    from appliance.backends.tensorrt import open_tensorrt_backend
+
+    return open_tensorrt_backend(settings, info, model_path, max_batch=max_batch)

@@ -1,0 +1,202 @@
+"""`FaceAnalyzer`: decoded images in, faces (box, score, landmarks, embedding) out.
+
+CPU-bound steps (letterbox, decoding the detector's outputs, alignment) run in a thread
+pool so the event loop stays free; model runs go through the two shared batchers.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import time
+from collections.abc import Callable
+from concurrent.futures import Executor
+from typing import Any, TypeVar
+
+import numpy as np
+import numpy.typing as npt
+
+from appliance.models.registry import ModelInfo
+from appliance.pipeline import align, embed
+from appliance.pipeline.batcher import DynamicBatcher
+from appliance.pipeline.detect import Detection, decode_scrfd
+from appliance.pipeline.images import ImageArray, letterbox
+
+FloatArray = npt.NDArray[np.float32]
+T = TypeVar("T")
+
+
+@dataclasses.dataclass(frozen=True)
+class AnalyzeOptions:
+    threshold: float = 0.6
+    extract_embedding: bool = True
+    return_face_data: bool = False
+    limit_faces: int = 0  # 0 = no limit
+    min_face_size: float = 0.0
+    # Optional smaller detection resolution (width, height) for this request.
+    max_size: tuple[int, int] | None = None
+    # Where the work comes from ("rest", "stream"); batch metrics count it.
+    source: str = "rest"
+
+
+@dataclasses.dataclass
+class Face:
+    bbox: tuple[float, float, float, float]
+    prob: float
+    landmarks: FloatArray | None
+    vec: FloatArray | None = None
+    norm: float | None = None
+    crop: ImageArray | None = None
+
+    @property
+    def size(self) -> float:
+        return max(self.bbox[2] - self.bbox[0], self.bbox[3] - self.bbox[1])
+
+
+@dataclasses.dataclass
+class ImageResult:
+    faces: list[Face]
+    timings_ms: dict[str, float]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelSlot:
+    """A model as the analyzer uses it: registry facts, the model's input size, its batcher."""
+
+    info: ModelInfo
+    batcher: DynamicBatcher
+    output_names: tuple[str, ...]
+    input_size: tuple[int, int]  # (width, height)
+    normalizes_input: bool = False
+
+    def ordered(self, outputs: dict[str, FloatArray]) -> list[FloatArray]:
+        """Outputs in the meaning order the registry records (SCRFD: s8..s32 scores, boxes, kps)."""
+        values = [outputs[name] for name in self.output_names]
+        if self.info.output_order is None:
+            return values
+        return [values[i] for i in self.info.output_order]
+
+
+class FaceAnalyzer:
+    def __init__(
+        self, detector: ModelSlot, recognizer: ModelSlot | None, executor: Executor
+    ) -> None:
+        self.detector = detector
+        self.recognizer = recognizer
+        self._executor = executor
+
+    async def _cpu(self, fn: Callable[..., T], *args: Any) -> T:
+        return await asyncio.get_running_loop().run_in_executor(self._executor, fn, *args)
+
+    def _prepare_detection(
+        self, img: ImageArray, max_size: tuple[int, int] | None
+    ) -> tuple[FloatArray, float]:
+        full = self.detector.input_size
+        if max_size is None or max_size == full:
+            canvas, scale = letterbox(img, full)
+        else:
+            # A smaller max_size detects at a lower resolution: the image is letterboxed into
+            # the top-left max_size corner of the (fixed) detector input, the rest stays zero.
+            small, scale = letterbox(img, (min(max_size[0], full[0]), min(max_size[1], full[1])))
+            canvas = np.zeros((full[1], full[0], 3), np.uint8)
+            canvas[: small.shape[0], : small.shape[1]] = small
+        pre = self.detector.info.default_preprocess
+        return embed.to_blob(canvas, pre)[0], scale
+
+    def _finish_detection(
+        self, img: ImageArray, outputs: dict[str, FloatArray], scale: float, options: AnalyzeOptions
+    ) -> tuple[list[Face], list[ImageArray]]:
+        detections = decode_scrfd(
+            self.detector.ordered(outputs), self.detector.input_size, options.threshold, scale
+        )
+        detections = [d for d in detections if _clip(d, img).size_ok(options.min_face_size)]
+        if options.limit_faces > 0:
+            detections = detections[: options.limit_faces]
+        faces = [Face(bbox=d.bbox, prob=d.score, landmarks=d.landmarks) for d in detections]
+        crops = [
+            align.align_face(img, d.landmarks) if d.landmarks is not None else _center_crop(img, d)
+            for d in detections
+        ]
+        return faces, crops
+
+    async def analyze(self, img: ImageArray, options: AnalyzeOptions) -> ImageResult:
+        t0 = time.perf_counter()
+        blob, scale = await self._cpu(self._prepare_detection, img, options.max_size)
+        t1 = time.perf_counter()
+        outputs = await self.detector.batcher.submit(blob, options.source)
+        t2 = time.perf_counter()
+        faces, crops = await self._cpu(self._finish_detection, img, outputs, scale, options)
+        t3 = time.perf_counter()
+        timings = {
+            "detect_pre_ms": (t1 - t0) * 1e3,
+            "detect_ms": (t2 - t1) * 1e3,
+            "detect_post_ms": (t3 - t2) * 1e3,
+        }
+        if faces and (options.extract_embedding or options.return_face_data):
+            if options.return_face_data:
+                for face, crop in zip(faces, crops, strict=True):
+                    face.crop = crop
+            if options.extract_embedding:
+                await self._embed_into(faces, crops, options.source)
+                timings["embed_ms"] = (time.perf_counter() - t3) * 1e3
+        return ImageResult(faces=faces, timings_ms=timings)
+
+    async def embed_only(self, img: ImageArray, source: str = "rest") -> ImageResult:
+        """The image is already an aligned crop: resize to 112x112 and embed it."""
+        t0 = time.perf_counter()
+        h, w = img.shape[:2]
+        crop = (
+            img
+            if (h, w) == (align.CROP_SIZE, align.CROP_SIZE)
+            else await self._cpu(_resize_crop, img)
+        )
+        face = Face(bbox=(0.0, 0.0, float(w), float(h)), prob=1.0, landmarks=None)
+        await self._embed_into([face], [crop], source)
+        return ImageResult(faces=[face], timings_ms={"embed_ms": (time.perf_counter() - t0) * 1e3})
+
+    async def _embed_into(self, faces: list[Face], crops: list[ImageArray], source: str) -> None:
+        rec = self.recognizer
+        if rec is None:
+            return
+        pre = rec.info.default_preprocess
+        if rec.normalizes_input:
+            pre = dataclasses.replace(pre, mean=0.0, std=1.0)
+        blob = await self._cpu(embed.to_blob, crops, pre)
+        results = await rec.batcher.submit_many(list(blob), source)
+        raw = np.stack([rec.ordered(r)[0].reshape(-1) for r in results])
+        vecs, norms = embed.normalize(raw)
+        for face, vec, norm in zip(faces, vecs, norms, strict=True):
+            face.vec = vec
+            face.norm = float(norm)
+
+
+@dataclasses.dataclass(frozen=True)
+class _Clipped:
+    width: float
+    height: float
+
+    def size_ok(self, min_size: float) -> bool:
+        return min_size <= 0 or max(self.width, self.height) >= min_size
+
+
+def _clip(d: Detection, img: ImageArray) -> _Clipped:
+    h, w = img.shape[:2]
+    x1, y1 = max(d.bbox[0], 0.0), max(d.bbox[1], 0.0)
+    x2, y2 = min(d.bbox[2], float(w)), min(d.bbox[3], float(h))
+    return _Clipped(max(x2 - x1, 0.0), max(y2 - y1, 0.0))
+
+
+def _resize_crop(img: ImageArray) -> ImageArray:
+    import cv2
+
+    return np.asarray(cv2.resize(img, (align.CROP_SIZE, align.CROP_SIZE)), np.uint8)
+
+
+def _center_crop(img: ImageArray, d: Detection) -> ImageArray:
+    """Crop for detectors without landmarks: the box, squared, resized to 112x112."""
+    h, w = img.shape[:2]
+    x1, y1, x2, y2 = (round(v) for v in d.bbox)
+    x1, y1, x2, y2 = max(x1, 0), max(y1, 0), min(x2, w), min(y2, h)
+    if x2 <= x1 or y2 <= y1:
+        return np.zeros((align.CROP_SIZE, align.CROP_SIZE, 3), np.uint8)
+    return _resize_crop(img[y1:y2, x1:x2])
