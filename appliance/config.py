@@ -219,6 +219,11 @@ def _parse(name: str, annotation: Any, raw: Any) -> Any:
             return False
         raise ConfigError(f"{env} must be a boolean (1/0, true/false), got {raw!r}")
     if annotation is int or annotation is float:
+        # TOML gives typed values: a boolean or a fraction where an integer belongs is a mistake,
+        # not something to truncate.
+        if isinstance(raw, bool) or (annotation is int and isinstance(raw, float)):
+            kind = "an integer" if annotation is int else "a number"
+            raise ConfigError(f"{env} must be {kind}, got {raw!r}")
         try:
             return annotation(raw)
         except (TypeError, ValueError):
@@ -229,7 +234,7 @@ def _parse(name: str, annotation: Any, raw: Any) -> Any:
     if annotation is str:
         return str(raw)
     if origin is tuple:
-        item_types = get_item_types(annotation)
+        item_types = get_args(annotation)
         parts: list[Any] = (
             [p.strip() for p in raw.split(",")] if isinstance(raw, str) else list(raw)
         )
@@ -237,7 +242,9 @@ def _parse(name: str, annotation: Any, raw: Any) -> Any:
         if item_types and item_types[-1] is Ellipsis:
             return tuple(_parse(name, item_types[0], i) for i in items)
         if len(items) != len(item_types):
-            raise ConfigError(f"{env} must have {len(item_types)} comma-separated values, got {raw!r}")
+            raise ConfigError(
+                f"{env} must have {len(item_types)} comma-separated values, got {raw!r}"
+            )
         return tuple(_parse(name, a, i) for a, i in zip(item_types, items, strict=True))
     raise ConfigError(f"{env}: unsupported setting type {annotation!r}")  # pragma: no cover
 
@@ -289,5 +296,20 @@ def settings_table() -> list[tuple[str, str, str]]:
             default_text = ",".join(str(x) for x in default)
         else:
             default_text = "" if default is None else str(default)
-        rows.append((f.name.upper(), str(hints[f.name]).replace("typing.", ""), default_text))
+        rows.append((f.name.upper(), _type_name(hints[f.name]), default_text))
     return rows
+
+
+def _type_name(annotation: Any) -> str:
+    origin = get_origin(annotation)
+    if origin is Literal:
+        return " | ".join(get_args(annotation))
+    if origin in (typing.Union, types.UnionType):
+        inner = [a for a in get_args(annotation) if a is not type(None)]
+        return f"{_type_name(inner[0])} (optional)"
+    if origin is tuple:
+        args = get_args(annotation)
+        if args and args[-1] is Ellipsis:
+            return f"comma-separated {_type_name(args[0])}s"
+        return ",".join(_type_name(a) for a in args)
+    return {Path: "path"}.get(annotation, getattr(annotation, "__name__", str(annotation)))

@@ -1,9 +1,570 @@
-"""Placeholder until the live-streams module lands: adds nothing."""
+"""`GET /ws/stream`: live frames in, one result per processed frame out (DESIGN section 4).
+
+Each stream is three tasks around one WebSocket (plus a stats ticker):
+
+* the reader (the request handler itself) takes config/tag/frame messages and puts each frame
+  into the stream's single *waiting* slot; a newer frame replaces the waiting one
+  (latest-frame-wins), so a fast sender never builds a backlog;
+* the worker takes the waiting frame no sooner than the fps cap allows, decodes it in the
+  executor and runs it through the shared batchers (tag "stream"), so at most one frame per
+  stream is in flight;
+* the writer drains a bounded send queue; if the client does not read, the oldest queued
+  results are dropped and counted, so a slow reader stalls neither inference nor other
+  streams.
+
+The live view page (`/`) and its static files are registered here too.
+"""
 
 from __future__ import annotations
 
-from aiohttp import web
+import asyncio
+import dataclasses
+import itertools
+import json
+import time
+from collections import deque
+from collections.abc import AsyncIterator, Callable, Coroutine
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import structlog
+from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
+from prometheus_client import Counter, Gauge, Histogram
+
+from appliance.api import state
+from appliance.api.errors import ApiError
+from appliance.api.metrics import LATENCY_BUCKETS
+from appliance.api.policy import LoadPolicy
+from appliance.api.schemas import face_to_dict, parse_options
+from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
+from appliance.pipeline.faces import AnalyzeOptions, ImageResult
+from appliance.pipeline.images import ImageError
+
+log = structlog.get_logger("appliance.stream")
+
+STATIC_DIR = Path(__file__).parent / "static"
+# Only what the /extract options mean for a frame; "type" and "max_fps" are stream-only.
+STREAM_ONLY_FIELDS = {"type", "max_fps"}
+# Recent per-frame latencies kept for the p50/p99 in stats messages.
+LATENCY_WINDOW = 512
+JPEG_MAGIC = b"\xff\xd8\xff"
+PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+
+CLOSE_SHUTDOWN = WSCloseCode.GOING_AWAY  # 1001
+CLOSE_POLICY = WSCloseCode.POLICY_VIOLATION  # 1008
+CLOSE_TOO_BIG = WSCloseCode.MESSAGE_TOO_BIG  # 1009
+CLOSE_TRY_AGAIN = WSCloseCode.TRY_AGAIN_LATER  # 1013
+
+
+class StreamMetrics:
+    """Stream counters, registered in the app's own Prometheus registry."""
+
+    def __init__(self, metrics: Any) -> None:
+        r = metrics.registry
+        self.active = Gauge("appliance_streams_active", "Open live streams", registry=r)
+        self.frames = Counter(
+            "appliance_stream_frames_total",
+            "Stream frames by outcome (processed, replaced, over_fps, busy, bad)",
+            ["outcome"],
+            registry=r,
+        )
+        self.results_dropped = Counter(
+            "appliance_stream_results_dropped_total",
+            "Results discarded because the client did not read them",
+            registry=r,
+        )
+        self.closed = Counter(
+            "appliance_streams_closed_total", "Streams closed, by close code", ["code"], registry=r
+        )
+        self.latency = Histogram(
+            "appliance_stream_latency_seconds",
+            "Frame received to result queued",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )
+
+
+class StreamRegistry:
+    """The open streams of one app; the policy board's subscriber for all of them."""
+
+    def __init__(self) -> None:
+        self.streams: dict[str, Stream] = {}
+        self.ids = itertools.count(1)
+        self.shutting_down = False
+
+    def on_policy(self, policy: LoadPolicy) -> None:
+        for stream in list(self.streams.values()):
+            stream.apply_policy(policy)
+
+
+STREAMS = web.AppKey("streams", StreamRegistry)
+STREAM_METRICS = web.AppKey("stream_metrics", StreamMetrics)
+
+
+class BadConfig(ValueError):
+    """A config message the stream cannot use: the stream is closed with 1008."""
+
+
+@dataclasses.dataclass(frozen=True)
+class StreamConfig:
+    options: AnalyzeOptions
+    mapping: dict[str, Any]  # parsed /extract options, as face_to_dict reads them
+    max_fps: float
+    warnings: tuple[str, ...] = ()
+
+
+def parse_config(
+    message: dict[str, Any],
+    default_threshold: float,
+    max_size: tuple[int, int],
+    fps_limit: float,
+) -> StreamConfig:
+    """A `{"type": "config", ...}` message -> StreamConfig; BadConfig says what is wrong."""
+    body = {k: v for k, v in message.items() if k not in STREAM_ONLY_FIELDS}
+    try:
+        mapping = parse_options(body, default_threshold, max_size)
+    except ApiError as exc:
+        raise BadConfig(exc.message) from None
+    warnings: list[str] = []
+    raw_fps = message.get("max_fps", fps_limit)
+    if isinstance(raw_fps, bool) or not isinstance(raw_fps, (int, float)) or not raw_fps > 0:
+        raise BadConfig(f"'max_fps' must be a positive number, got {raw_fps!r}")
+    max_fps = float(raw_fps)
+    if max_fps > fps_limit:
+        warnings.append(f"max_fps {max_fps:g} is above STREAM_MAX_FPS; using {fps_limit:g}")
+        max_fps = fps_limit
+    unknown = sorted(set(body) - set(mapping) - {"api_ver"})
+    warnings += [f"unknown field '{name}' ignored" for name in unknown]
+    if mapping["msgpack"]:
+        warnings.append("msgpack: stream results are always JSON text messages")
+    options = AnalyzeOptions(
+        threshold=mapping["threshold"],
+        extract_embedding=mapping["extract_embedding"],
+        return_face_data=mapping["return_face_data"],
+        limit_faces=mapping["limit_faces"],
+        min_face_size=float(mapping["min_face_size"]),
+        max_size=mapping["max_size"],
+        source="stream",
+    )
+    return StreamConfig(options, mapping, max_fps, tuple(warnings))
+
+
+@dataclasses.dataclass
+class Frame:
+    data: bytes
+    seq: int
+    ts: Any
+    received: float  # perf_counter() when the frame arrived
+
+
+@dataclasses.dataclass
+class Counters:
+    received: int = 0
+    processed: int = 0
+    replaced: int = 0  # a newer frame took the waiting slot while one was in flight
+    over_fps: int = 0  # replaced while the worker waited for the fps cap
+    busy: int = 0  # the shared batcher queue was full
+    bad: int = 0  # not an image, or failed to decode
+    results_dropped: int = 0  # the client did not read them in time
+
+    @property
+    def dropped(self) -> int:
+        return self.replaced + self.over_fps + self.busy
+
+
+def percentile(values: list[float], q: float) -> float | None:
+    if not values:
+        return None
+    return round(float(np.percentile(np.asarray(values), q)), 3)
+
+
+class Stream:
+    def __init__(self, app: web.Application, ws: web.WebSocketResponse, stream_id: str) -> None:
+        settings = app[state.SETTINGS]
+        self.app = app
+        self.ws = ws
+        self.id = stream_id
+        self.settings = settings
+        self.metrics = app[STREAM_METRICS]
+        self.config = parse_config(
+            {}, settings.det_threshold, settings.max_size, settings.stream_max_fps
+        )
+        self.policy = app[state.POLICY].current
+        self.counters = Counters()
+        self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
+        self.waiting: Frame | None = None
+        self.frame_ready = asyncio.Event()
+        self.outbox: deque[dict[str, Any]] = deque()
+        self.outbox_ready = asyncio.Event()
+        self.next_tag: tuple[int, Any] | None = None
+        self.auto_seq = 0
+        self.last_start = -1e9
+        self.pacing = False  # the worker is waiting for the fps cap, not for inference
+        self.close_code: int | None = None
+        self.closer: asyncio.Task[bool] | None = None
+        self.tasks: set[asyncio.Task[Any]] = set()
+        self.processed_at_last_stats = 0
+        self.last_stats = time.perf_counter()
+
+    # ------------------------------------------------------------ limits and policy
+
+    @property
+    def max_fps(self) -> float:
+        """The cap in force now: the client's max_fps scaled by the governor's factor."""
+        return round(self.config.max_fps * self.policy.fps_factor, 3)
+
+    def next_start_delay(self, now: float) -> float:
+        """Seconds until the fps cap lets the worker start another frame."""
+        rate = self.max_fps
+        if rate <= 0:
+            return 1.0  # paused by the governor: the stream is about to be closed anyway
+        return max(0.0, self.last_start + 1.0 / rate - now)
+
+    def apply_policy(self, policy: LoadPolicy) -> None:
+        self.policy = policy
+        if policy.inference_paused:
+            self.request_close(CLOSE_TRY_AGAIN, f"inference paused: device is {policy.state}")
+            return
+        self.enqueue(self.status_message())
+
+    def status_message(self) -> dict[str, Any]:
+        return {
+            "type": "status",
+            "state": self.policy.state,
+            "max_fps": self.max_fps,
+            "accept_new_streams": self.policy.accept_new_streams,
+            "reason": self.policy.reason,
+        }
+
+    def request_close(self, code: int, reason: str) -> None:
+        """Close from any task or callback; the reader loop then ends and cleans up."""
+        if self.close_code is not None or self.ws.closed:
+            return
+        self.close_code = code
+        log.info("stream_closing", stream_id=self.id, code=int(code), reason=reason)
+        # A task, because callers are sync (policy callbacks) or the tasks close() would wait
+        # for. Close-frame reasons are limited to 123 bytes by RFC 6455.
+        self.closer = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()[:123]))
+
+    def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
+        task = asyncio.ensure_future(coro)
+        self.tasks.add(task)
+        task.add_done_callback(self.tasks.discard)
+
+    # ------------------------------------------------------------ outgoing messages
+
+    def enqueue(self, message: dict[str, Any]) -> None:
+        """Queue a message for the writer; when full, the oldest result makes room."""
+        if len(self.outbox) >= self.settings.stream_send_queue:
+            victim = next((m for m in self.outbox if m.get("type") == "result"), self.outbox[0])
+            self.outbox.remove(victim)
+            if victim.get("type") == "result":
+                self.counters.results_dropped += 1
+                self.metrics.results_dropped.inc()
+        self.outbox.append(message)
+        self.outbox_ready.set()
+
+    async def writer(self) -> None:
+        while not self.ws.closed:
+            await self.outbox_ready.wait()
+            self.outbox_ready.clear()
+            while self.outbox and not self.ws.closed:
+                message = self.outbox.popleft()
+                try:
+                    # send_str waits while the socket's buffer is full: only this stream's
+                    # writer waits, and meanwhile its outbox drops old results.
+                    await self.ws.send_str(json.dumps(message, separators=(",", ":")))
+                except (ConnectionError, RuntimeError):
+                    return
+
+    def stats_message(self) -> dict[str, Any]:
+        now = time.perf_counter()
+        c = self.counters
+        elapsed = max(now - self.last_stats, 1e-6)
+        fps = (c.processed - self.processed_at_last_stats) / elapsed
+        self.processed_at_last_stats, self.last_stats = c.processed, now
+        recent = list(self.latencies)
+        return {
+            "type": "stats",
+            "received": c.received,
+            "processed": c.processed,
+            "dropped": c.dropped,
+            "dropped_replaced": c.replaced,
+            "dropped_over_fps": c.over_fps,
+            "dropped_busy": c.busy,
+            "bad_frames": c.bad,
+            "results_dropped": c.results_dropped,
+            "fps": round(fps, 2),
+            "latency_ms": {"p50": percentile(recent, 50), "p99": percentile(recent, 99)},
+            "max_fps": self.max_fps,
+            "state": self.policy.state,
+        }
+
+    async def stats_ticker(self) -> None:
+        while not self.ws.closed:
+            await asyncio.sleep(self.settings.stream_stats_interval_s)
+            self.enqueue(self.stats_message())
+
+    # ------------------------------------------------------------ incoming messages
+
+    def on_text(self, text: str) -> None:
+        try:
+            message = json.loads(text)
+        except json.JSONDecodeError:
+            self.bad_message("text message is not JSON")
+            return
+        kind = message.get("type") if isinstance(message, dict) else None
+        if kind == "config":
+            self.on_config(message)
+        elif kind == "frame":
+            seq, ts = message.get("seq"), message.get("ts")
+            if isinstance(seq, bool) or not isinstance(seq, int):
+                self.bad_message("'seq' of a frame message must be an integer")
+                return
+            self.next_tag = (seq, ts)
+        else:
+            self.bad_message(f"unknown message type {kind!r}")
+
+    def on_config(self, message: dict[str, Any]) -> None:
+        s = self.settings
+        try:
+            self.config = parse_config(message, s.det_threshold, s.max_size, s.stream_max_fps)
+        except BadConfig as exc:
+            self.request_close(CLOSE_POLICY, f"bad config: {exc}")
+            return
+        reply: dict[str, Any] = {"type": "config", "max_fps": self.max_fps}
+        if self.config.warnings:
+            reply["warnings"] = list(self.config.warnings)
+        self.enqueue(reply)
+        self.enqueue(self.status_message())
+
+    def bad_message(self, error: str, seq: int | None = None) -> None:
+        """Count a bad frame or message; beyond STREAM_MAX_BAD_FRAMES the stream is closed."""
+        self.counters.bad += 1
+        self.metrics.frames.labels("bad").inc()
+        if self.counters.bad > self.settings.stream_max_bad_frames:
+            self.request_close(
+                CLOSE_POLICY, f"more than {self.settings.stream_max_bad_frames} bad frames: {error}"
+            )
+            return
+        self.enqueue({"type": "error", "seq": seq, "error": error})
+
+    def on_frame(self, data: bytes) -> None:
+        now = time.perf_counter()
+        self.counters.received += 1
+        if self.next_tag is not None:
+            (seq, ts), self.next_tag = self.next_tag, None
+        else:
+            seq, ts = self.auto_seq + 1, None
+        self.auto_seq = seq
+        if not (data.startswith(JPEG_MAGIC) or data.startswith(PNG_MAGIC)):
+            # Cheap check here, so garbage is counted even when it would have been replaced.
+            self.bad_message("frame is neither JPEG nor PNG", seq)
+            return
+        if self.waiting is not None:
+            # Replaced while the worker waits for the fps cap: the frame came too fast for
+            # the cap; replaced while the worker is busy: it came too fast for the model.
+            if self.pacing:
+                self.counters.over_fps += 1
+                self.metrics.frames.labels("over_fps").inc()
+            else:
+                self.counters.replaced += 1
+                self.metrics.frames.labels("replaced").inc()
+        self.waiting = Frame(data, seq, ts, now)
+        self.frame_ready.set()
+
+    # ------------------------------------------------------------ inference
+
+    async def worker(self) -> None:
+        loop = asyncio.get_running_loop()
+        decoder = self.app[state.DECODER]
+        executor = self.app[state.EXECUTOR]
+        while not self.ws.closed:
+            await self.frame_ready.wait()
+            self.frame_ready.clear()
+            # The cap paces the worker rather than refusing frames at arrival: frames that
+            # come early replace each other, so the newest one is still processed.
+            delay = self.next_start_delay(time.perf_counter())
+            if delay > 0:
+                self.pacing = True
+                try:
+                    await asyncio.sleep(delay)
+                finally:
+                    self.pacing = False
+            frame, self.waiting = self.waiting, None
+            if frame is None:
+                continue
+            start = self.last_start = time.perf_counter()
+            try:
+                img = await loop.run_in_executor(executor, decoder.decode, frame.data)
+            except ImageError as exc:
+                self.bad_message(str(exc), frame.seq)
+                continue
+            try:
+                result = await self.analyze(img)
+            except QueueFullError:
+                self.counters.busy += 1
+                self.metrics.frames.labels("busy").inc()
+                continue
+            except BatcherClosedError:
+                return
+            done = time.perf_counter()
+            latency = done - frame.received
+            self.counters.processed += 1
+            self.latencies.append(latency * 1e3)
+            self.metrics.frames.labels("processed").inc()
+            self.metrics.latency.observe(latency)
+            self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
+
+    async def analyze(self, img: Any) -> ImageResult:
+        analyzer = self.app[state.ANALYZER]
+        if self.config.mapping["embed_only"]:
+            return await analyzer.embed_only(img, source="stream")
+        return await analyzer.analyze(img, self.config.options)
+
+    def result_message(self, frame: Frame, result: ImageResult, took_ms: float) -> dict[str, Any]:
+        mapping = self.config.mapping
+        message: dict[str, Any] = {
+            "type": "result",
+            "seq": frame.seq,
+            "ts": frame.ts,
+            "took_ms": round(took_ms, 3),
+            "latency_ms": round((time.perf_counter() - frame.received) * 1e3, 3),
+            "faces": [face_to_dict(face, i, mapping) for i, face in enumerate(result.faces)],
+        }
+        if mapping["verbose_timings"]:
+            message["took"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
+        return message
+
+    # ------------------------------------------------------------ lifetime
+
+    async def run(self) -> None:
+        """The reader loop; returns when the socket closes for any reason."""
+        for coro in (self.worker(), self.writer(), self.stats_ticker()):
+            self.spawn(coro)
+        self.enqueue(self.status_message())
+        async for msg in self.ws:
+            if msg.type == WSMsgType.BINARY:
+                self.on_frame(msg.data)
+            elif msg.type == WSMsgType.TEXT:
+                self.on_text(msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                # aiohttp has already answered an oversize frame with 1009 and closed.
+                if isinstance(msg.data, WebSocketError):
+                    self.close_code = msg.data.code
+                log.info("stream_error", error=str(msg.data))
+                break
+            if self.close_code is not None:
+                break
+
+    async def stop(self) -> None:
+        for task in self.tasks:
+            task.cancel()
+        await asyncio.gather(*self.tasks, return_exceptions=True)
+        # A requested close finishes (bounded by the WebSocket's close timeout).
+        if self.closer is not None:
+            await asyncio.gather(self.closer, return_exceptions=True)
+        if not self.ws.closed:
+            await self.ws.close()
+
+
+async def stream_handler(request: web.Request) -> web.WebSocketResponse:
+    app = request.app
+    settings = app[state.SETTINGS]
+    registry = app[STREAMS]
+    metrics = app[STREAM_METRICS]
+    ws = web.WebSocketResponse(
+        heartbeat=settings.stream_heartbeat_s, max_msg_size=settings.max_frame_bytes
+    )
+    await ws.prepare(request)
+    refusal = admission_refusal(app)
+    if refusal is not None:
+        log.info("stream_refused", reason=refusal)
+        metrics.closed.labels(str(int(CLOSE_TRY_AGAIN))).inc()
+        await ws.close(code=CLOSE_TRY_AGAIN, message=refusal.encode()[:123])
+        return ws
+    stream_id = f"s{next(registry.ids)}"
+    stream = Stream(app, ws, stream_id)
+    registry.streams[stream_id] = stream
+    metrics.active.inc()
+    structlog.contextvars.bind_contextvars(stream_id=stream_id)
+    log.info("stream_opened", remote=request.remote, active=len(registry.streams))
+    try:
+        await stream.run()
+    finally:
+        # Bookkeeping first and without awaiting: a handler cancelled because the peer
+        # vanished must still leave the registry, the gauge and the log right.
+        registry.streams.pop(stream_id, None)
+        metrics.active.dec()
+        for task in stream.tasks:
+            task.cancel()
+        # Our own code when we closed; otherwise the peer's.
+        code = stream.close_code or ws.close_code or WSCloseCode.ABNORMAL_CLOSURE
+        metrics.closed.labels(str(int(code))).inc()
+        c = stream.counters
+        log.info(
+            "stream_closed",
+            code=int(code),
+            received=c.received,
+            processed=c.processed,
+            dropped=c.dropped,
+            bad_frames=c.bad,
+            results_dropped=c.results_dropped,
+        )
+        structlog.contextvars.unbind_contextvars("stream_id")
+        await stream.stop()
+    return ws
+
+
+def admission_refusal(app: web.Application) -> str | None:
+    """Why a new stream must be refused now (closed with 1013), or None."""
+    settings = app[state.SETTINGS]
+    registry = app[STREAMS]
+    policy = app[state.POLICY].current
+    if registry.shutting_down:
+        return "the appliance is shutting down"
+    if policy.inference_paused or not policy.accept_new_streams:
+        return f"not accepting new streams: device is {policy.state}"
+    if len(registry.streams) >= settings.max_streams:
+        return f"too many streams: MAX_STREAMS is {settings.max_streams}"
+    return None
+
+
+async def close_streams_on_shutdown(app: web.Application) -> None:
+    """on_shutdown runs before the cleanup contexts stop the batchers: say goodbye first."""
+    registry = app[STREAMS]
+    registry.shutting_down = True
+    streams = list(registry.streams.values())
+    for stream in streams:
+        stream.request_close(CLOSE_SHUTDOWN, "server shutdown")
+    await asyncio.gather(
+        *(s.closer for s in streams if s.closer is not None), return_exceptions=True
+    )
+
+
+async def policy_subscription_ctx(app: web.Application) -> AsyncIterator[None]:
+    unsubscribe: Callable[[], None] = app[state.POLICY].subscribe(app[STREAMS].on_policy)
+    yield
+    unsubscribe()
+
+
+async def index(request: web.Request) -> web.FileResponse:
+    return web.FileResponse(STATIC_DIR / "index.html")
 
 
 def setup_streams(app: web.Application) -> None:
-    return None
+    """Register /ws/stream, the live view page and the stream state of this app."""
+    registry = StreamRegistry()
+    app[STREAMS] = registry
+    app[STREAM_METRICS] = StreamMetrics(app[state.METRICS])
+    app[state.INFO_PROVIDERS]["streams"] = lambda: {
+        "active": len(registry.streams),
+        "max_streams": app[state.SETTINGS].max_streams,
+        "stream_max_fps": app[state.SETTINGS].stream_max_fps,
+    }
+    app.cleanup_ctx.append(policy_subscription_ctx)
+    app.on_shutdown.append(close_streams_on_shutdown)
+    app.router.add_get("/ws/stream", stream_handler, name="ws_stream")
+    app.router.add_get("/", index, name="live_view")
+    app.router.add_static("/static/", STATIC_DIR, name="static")

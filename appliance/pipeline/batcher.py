@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import logging
 import threading
 import time
 from collections import deque
@@ -40,6 +41,7 @@ class _Item:
     future: asyncio.Future[Outputs]
     loop: asyncio.AbstractEventLoop
     tag: str
+    queued_at: float = dataclasses.field(default_factory=time.monotonic)
 
 
 class DynamicBatcher:
@@ -127,7 +129,9 @@ class DynamicBatcher:
                 self._cond.wait()
             if self._closed:
                 return None
-            deadline = time.monotonic() + self.window_s
+            # The window counts from the oldest item's arrival: an item that already waited
+            # behind a running batch must not wait a whole window more.
+            deadline = self._queue[0].queued_at + self.window_s
             while len(self._queue) < self.max_batch and not self._closed:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -147,21 +151,30 @@ class DynamicBatcher:
                 return
             if not batch:
                 continue
-            start = time.perf_counter()
+            self._run(batch)
+
+    def _run(self, batch: list[_Item]) -> None:
+        start = time.perf_counter()
+        try:
+            outputs = self._run_batch(np.stack([item.data for item in batch]))
+            short = [name for name, value in outputs.items() if value.shape[0] < len(batch)]
+            if short:
+                raise RuntimeError(f"{self.name}: outputs {short} have fewer rows than the batch")
+            results = [{name: value[i] for name, value in outputs.items()} for i in range(len(batch))]
+        except Exception as exc:  # a failed batch fails its items, never the worker
+            for item in batch:
+                item.loop.call_soon_threadsafe(_fail, item.future, exc)
+            return
+        elapsed = time.perf_counter() - start
+        self.batches_run += 1
+        self.items_run += len(batch)
+        for item, result in zip(batch, results, strict=True):
+            item.loop.call_soon_threadsafe(_resolve, item.future, result)
+        if self._observer is not None:
             try:
-                outputs = self._run_batch(np.stack([item.data for item in batch]))
-            except Exception as exc:  # a failed batch fails its items, never the worker
-                for item in batch:
-                    item.loop.call_soon_threadsafe(_fail, item.future, exc)
-                continue
-            elapsed = time.perf_counter() - start
-            self.batches_run += 1
-            self.items_run += len(batch)
-            if self._observer is not None:
                 self._observer([item.tag for item in batch], elapsed)
-            for i, item in enumerate(batch):
-                result = {name: value[i] for name, value in outputs.items()}
-                item.loop.call_soon_threadsafe(_resolve, item.future, result)
+            except Exception:  # metrics must never stop inference
+                logging.getLogger(__name__).exception("batch observer failed")
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs) -> None:

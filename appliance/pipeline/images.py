@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Iterator
 from typing import Any
 
 import cv2
@@ -96,8 +97,7 @@ class ImageDecoder:
             raise ImageError("corrupt_image", "JPEG decoded to an unexpected shape")
         # libjpeg-turbo reports a truncated file as a warning and fills the rest with grey; a
         # missing end-of-image marker is how we notice it.
-        if not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-            raise ImageError("corrupt_image", "JPEG is truncated (no end-of-image marker)")
+        _check_complete_jpeg(data)
         return apply_orientation(np.ascontiguousarray(img), exif_orientation(data))
 
     def _decode_opencv(self, data: bytes) -> ImageArray:
@@ -109,9 +109,44 @@ class ImageDecoder:
                 "corrupt_image", "data is not a decodable image (JPEG, PNG, BMP, WebP...)"
             )
         self._check_pixels(img.shape[1], img.shape[0])
-        if data.startswith(JPEG_MAGIC) and not data.rstrip(b"\x00").endswith(b"\xff\xd9"):
-            raise ImageError("corrupt_image", "JPEG is truncated (no end-of-image marker)")
+        if data.startswith(JPEG_MAGIC):
+            _check_complete_jpeg(data)
         return np.asarray(img, dtype=np.uint8)
+
+
+def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
+    """(marker, segment start, segment length) of each header segment up to the first scan.
+
+    0xFF fill bytes before a marker are allowed by the JPEG standard and skipped.
+    """
+    pos = 2
+    while pos + 4 <= len(data):
+        if data[pos] != 0xFF:
+            raise ImageError("corrupt_image", "JPEG marker structure is broken")
+        marker = data[pos + 1]
+        if marker == 0xFF:
+            pos += 1
+            continue
+        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
+            pos += 2
+            continue
+        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+        yield marker, pos, length
+        if marker == 0xDA:
+            return
+        pos += 2 + length
+
+
+def _check_complete_jpeg(data: bytes) -> None:
+    """Refuse a JPEG cut short: its first scan must be followed by an end-of-image marker.
+
+    libjpeg-turbo only warns about a truncated file and fills the rest with grey. Entropy-coded
+    data never contains FF D9 (0xFF bytes are stuffed), so the first FF D9 after the scan header
+    ends the image; bytes after it (phone trailers, motion-photo video) are allowed.
+    """
+    scan = next((pos for marker, pos, _ in _jpeg_segments(data) if marker == 0xDA), None)
+    if scan is None or data.find(b"\xff\xd9", scan) == -1:
+        raise ImageError("corrupt_image", "JPEG is truncated (no end-of-image marker)")
 
 
 def png_size(data: bytes) -> tuple[int, int]:
@@ -123,35 +158,23 @@ def png_size(data: bytes) -> tuple[int, int]:
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
     """Width and height from the first start-of-frame marker."""
-    pos = 2
-    while pos + 9 < len(data):
-        if data[pos] != 0xFF:
-            raise ImageError("corrupt_image", "JPEG marker structure is broken")
-        marker = data[pos + 1]
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
+    for marker, pos, _ in _jpeg_segments(data):
         # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC):
+        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 <= len(data):
             height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
             return int(width), int(height)
-        pos += 2 + length
     raise ImageError("corrupt_image", "JPEG has no frame header")
 
 
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation tag (1..8) of a JPEG, 1 when absent or unreadable."""
-    pos = 2
-    while pos + 4 <= len(data) and data[pos] == 0xFF:
-        marker = data[pos + 1]
-        if marker == 0xDA:  # start of scan: no more metadata
-            break
-        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
-        segment = data[pos + 4 : pos + 2 + length]
-        if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
-            return _orientation_from_tiff(segment[6:])
-        pos += 2 + length
+    try:
+        for marker, pos, length in _jpeg_segments(data):
+            segment = data[pos + 4 : pos + 2 + length]
+            if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
+                return _orientation_from_tiff(segment[6:])
+    except (ImageError, struct.error):
+        pass  # a broken header is reported by the decoder, not here
     return 1
 
 

@@ -1,0 +1,512 @@
+"""TensorRT 10 backend: build an engine from the ONNX model on the device, cache it, run it.
+
+Build (`TensorRTToolchain.build`): the ONNX file is rewritten to a dynamic batch where it has a
+fixed batch of 1 (`onnx_graph.make_batch_dynamic`), parsed, and built with one optimisation
+profile for the batch (min 1, opt = max = DET_BATCH_SIZE or REC_BATCH_SIZE), FP16 when
+FORCE_FP16 is set and the GPU has fast FP16, a workspace limit (TRT_WORKSPACE_MB) and a timing
+cache persisted next to the engines so later builds on the same device are faster. Engines are
+cached by key in ENGINES_DIR (`engine_cache`).
+
+Run (`TensorRTBackend.infer`): `set_input_shape` for the batch, addresses bound once by tensor
+name with `set_tensor_address`, `execute_async_v3` on the backend's own stream, copies through
+page-locked host buffers (`cuda_buffers`).
+
+Only APIs present from TensorRT 10.0 to the latest 10.x are used. Two deprecations are worked
+around rather than followed: `Builder.platform_has_fast_fp16` (deprecated in 10.5) is replaced
+by a compute-capability test, and `BuilderFlag.FP16` (deprecated in 10.12 in favour of strongly
+typed networks, still present in every 10.x) is kept because JetPack 6.2 ships 10.3, which
+has no alternative for an FP32 ONNX model.
+
+`tensorrt` and `pycuda` are imported inside functions: this module imports everywhere.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING, Any, Protocol
+
+import numpy as np
+import structlog
+
+from appliance.backends.base import BackendError, FloatArray, TensorSpec
+from appliance.backends.cuda_buffers import CudaDevice, CudaError, IOBuffers, has_fast_fp16
+from appliance.backends.engine_cache import (
+    CacheResult,
+    EngineCache,
+    EngineCacheError,
+    EngineKey,
+    Precision,
+    ProfileShape,
+)
+from appliance.config import Settings
+from appliance.models import onnx_graph
+from appliance.models.registry import ModelInfo
+
+if TYPE_CHECKING:
+    import onnx
+    import tensorrt as trt
+
+log = structlog.get_logger("appliance.tensorrt")
+
+# A phase or step description from the build, for progress displays. Called from TensorRT's
+# own threads during a build: implementations must be thread-safe.
+ProgressFn = Callable[[str], None]
+
+SUPPORTED_MAJOR = 10
+INSTALL_HINT = (
+    "on JetPack 6.2 install python3-libnvinfer (TensorRT 10.3) and pycuda "
+    "(`pip install 'appliance[trt]'`), or set INFERENCE_BACKEND=onnx"
+)
+
+
+def _ignore(_message: str) -> None:
+    return None
+
+
+def tensorrt_available() -> tuple[bool, str]:
+    """Whether the TensorRT 10 bindings, pycuda and a CUDA GPU are all present, and why not."""
+    try:
+        import tensorrt as trt
+    except ImportError as exc:
+        return False, f"the TensorRT Python bindings are not installed ({exc}); {INSTALL_HINT}"
+    except Exception as exc:  # the bindings load libnvinfer and can fail in many ways
+        return False, f"the TensorRT Python bindings fail to load ({exc}); {INSTALL_HINT}"
+    # The `tensorrt-stubs` package (for mypy) installs a bare `tensorrt/` folder of .pyi files
+    # that Python imports as an empty namespace package: that is not TensorRT.
+    version = getattr(trt, "__version__", None)
+    if version is None or not hasattr(trt, "Runtime"):
+        return False, f"only type stubs of TensorRT are installed, not the library; {INSTALL_HINT}"
+    major = str(version).split(".")[0]
+    if major != str(SUPPORTED_MAJOR):
+        return False, f"TensorRT {version} found; this appliance needs TensorRT 10.x"
+    try:
+        from appliance.backends.cuda_buffers import device_count
+
+        count = device_count()
+    except CudaError as exc:
+        return False, f"{exc}; {INSTALL_HINT}"
+    if count < 1:
+        return False, "no CUDA GPU is visible (in a container: is the NVIDIA runtime in use?)"
+    return True, f"TensorRT {version}, {count} CUDA device(s)"
+
+
+def image_shape_for(settings: Settings, info: ModelInfo) -> tuple[int, int, int]:
+    """(C, H, W) one image has at this model's input: MAX_SIZE for detectors."""
+    if info.family == "scrfd":
+        width, height = settings.max_size
+        return info.input_shape[0], height, width
+    return info.input_shape
+
+
+def profile_shapes(
+    model: onnx.ModelProto, max_batch: int, image_shape: tuple[int, int, int]
+) -> tuple[ProfileShape, ...]:
+    """One optimisation profile: batch 1..max_batch, opt = max (the batcher fills batches
+    under load, which is when speed matters). Non-batch dimensions the model fixes are kept;
+    dynamic ones come from `image_shape`.
+    """
+    if max_batch < 1:
+        raise BackendError(f"max batch must be >= 1, got {max_batch}")
+    initializers = {i.name for i in model.graph.initializer}
+    profiles = []
+    for value in model.graph.input:
+        if value.name in initializers:
+            continue
+        dims = value.type.tensor_type.shape.dim
+        shape: list[int] = []
+        for axis, dim in enumerate(dims[1:], start=1):
+            fixed = dim.dim_value if dim.HasField("dim_value") and dim.dim_value > 0 else None
+            if fixed is None:
+                if axis > len(image_shape):
+                    raise BackendError(f"input {value.name}: dimension {axis} has no size")
+                fixed = image_shape[axis - 1]
+            shape.append(fixed)
+        profiles.append(
+            ProfileShape(
+                value.name,
+                min=(1, *shape),
+                opt=(max_batch, *shape),
+                max=(max_batch, *shape),
+            )
+        )
+    if not profiles:
+        raise BackendError("the model has no inputs")
+    return tuple(profiles)
+
+
+@dataclasses.dataclass(frozen=True)
+class EnginePlan:
+    """What to build for one model, and the cache key that names the result."""
+
+    label: str
+    model_path: Path
+    onnx_bytes: bytes
+    key: EngineKey
+    workspace_bytes: int
+
+    @property
+    def fp16(self) -> bool:
+        return self.key.precision == "fp16"
+
+
+class EngineToolchain(Protocol):
+    """What builds and checks engines: TensorRT on a device; a stand-in in the CLI tests."""
+
+    tensorrt_version: str
+    gpu_name: str
+    compute_capability: str
+
+    @property
+    def fast_fp16(self) -> bool: ...
+
+    def build(
+        self, plan: EnginePlan, timing_cache: bytes | None, progress: ProgressFn
+    ) -> tuple[bytes, bytes | None]:
+        """Serialized engine and the updated timing cache (None if not kept)."""
+        ...
+
+    def check(self, engine: bytes) -> None:
+        """Raise if this runtime cannot deserialise `engine`."""
+        ...
+
+
+def plan_engine(
+    settings: Settings,
+    info: ModelInfo,
+    model_path: Path,
+    max_batch: int,
+    toolchain: EngineToolchain,
+) -> EnginePlan:
+    """Read the ONNX model, make its batch dynamic, and compute the engine's key."""
+    if not model_path.is_file():
+        raise BackendError(f"model file {model_path} does not exist")
+    try:
+        model = onnx_graph.load(model_path)
+    except Exception as exc:
+        raise BackendError(f"{model_path} is not a readable ONNX model: {exc}") from None
+    if not onnx_graph.has_dynamic_batch(model):
+        model = onnx_graph.make_batch_dynamic(model)
+    profiles = profile_shapes(model, max_batch, image_shape_for(settings, info))
+    precision: Precision = "fp16" if settings.force_fp16 and toolchain.fast_fp16 else "fp32"
+    key = EngineKey(
+        onnx_sha256=onnx_graph.sha256_file(model_path),
+        tensorrt_version=toolchain.tensorrt_version,
+        gpu_name=toolchain.gpu_name,
+        compute_capability=toolchain.compute_capability,
+        precision=precision,
+        profiles=profiles,
+    )
+    return EnginePlan(
+        label=info.name,
+        model_path=model_path,
+        onnx_bytes=model.SerializeToString(),
+        key=key,
+        workspace_bytes=settings.trt_workspace_mb << 20,
+    )
+
+
+def _builder(
+    cache: EngineCache, plan: EnginePlan, toolchain: EngineToolchain, progress: ProgressFn
+) -> Callable[[], bytes]:
+    def build() -> bytes:
+        timing = cache.read_timing_cache(plan.key)
+        engine, new_timing = toolchain.build(plan, timing, progress)
+        if new_timing:
+            cache.write_timing_cache(plan.key, new_timing)
+        return engine
+
+    return build
+
+
+def ensure_engine(
+    plan: EnginePlan,
+    cache: EngineCache,
+    toolchain: EngineToolchain,
+    force: bool = False,
+    progress: ProgressFn = _ignore,
+) -> CacheResult[None]:
+    """Make sure a usable engine for `plan` is in the cache; build it if not (or if forced)."""
+    return cache.get_or_build(
+        plan.label,
+        plan.key,
+        _builder(cache, plan, toolchain, progress),
+        toolchain.check,
+        force=force,
+        on_event=progress,
+    )
+
+
+class TensorRTToolchain:
+    """The TensorRT builder and runtime on one CUDA device."""
+
+    def __init__(self, device: CudaDevice | None = None) -> None:
+        usable, reason = tensorrt_available()
+        if not usable:
+            raise BackendError(f"TensorRT cannot be used here: {reason}")
+        import tensorrt as trt
+
+        self.device = device or CudaDevice(0)
+        self.tensorrt_version: str = trt.__version__
+        self.gpu_name: str = self.device.name
+        self.compute_capability: str = self.device.compute_capability_text
+        self._logger = trt.Logger(trt.Logger.WARNING)
+        with self.device.activate():
+            self._runtime = trt.Runtime(self._logger)
+
+    @property
+    def fast_fp16(self) -> bool:
+        return has_fast_fp16(self.device.compute_capability)
+
+    def build(
+        self, plan: EnginePlan, timing_cache: bytes | None, progress: ProgressFn
+    ) -> tuple[bytes, bytes | None]:
+        import tensorrt as trt
+
+        class Monitor(trt.IProgressMonitor):
+            """Forwards TensorRT's top-level build phases (IProgressMonitor exists since 10.0)."""
+
+            def __init__(self) -> None:
+                trt.IProgressMonitor.__init__(self)
+
+            def phase_start(self, phase_name: str, parent_phase: str, num_steps: int) -> None:
+                if not parent_phase:
+                    progress(f"{phase_name} ({num_steps} steps)")
+
+            def step_complete(self, phase_name: str, step: int) -> bool:
+                return True  # False would cancel the build
+
+            def phase_finish(self, phase_name: str) -> None:
+                return None
+
+        with self.device.activate():
+            progress("parsing ONNX")
+            builder = trt.Builder(self._logger)
+            # TensorRT 10 networks are always explicit-batch; the old flag is deprecated.
+            network = builder.create_network(0)
+            parser = trt.OnnxParser(network, self._logger)
+            if not parser.parse(plan.onnx_bytes, str(plan.model_path)):
+                errors = "; ".join(str(parser.get_error(i)) for i in range(parser.num_errors))
+                raise BackendError(f"TensorRT cannot parse {plan.model_path}: {errors}")
+            config = builder.create_builder_config()
+            config.set_memory_pool_limit(trt.MemoryPoolType.WORKSPACE, plan.workspace_bytes)
+            if plan.fp16:
+                config.set_flag(trt.BuilderFlag.FP16)
+            profile = builder.create_optimization_profile()
+            for shape in plan.key.profiles:
+                profile.set_shape(
+                    shape.name,
+                    trt.Dims(list(shape.min)),
+                    trt.Dims(list(shape.opt)),
+                    trt.Dims(list(shape.max)),
+                )
+            config.add_optimization_profile(profile)
+            cache = config.create_timing_cache(timing_cache or b"")
+            if cache is None or not config.set_timing_cache(cache, False):
+                # A timing cache from another TensorRT or GPU: start afresh rather than fail.
+                cache = config.create_timing_cache(b"")
+                config.set_timing_cache(cache, True)
+            monitor = Monitor()
+            config.progress_monitor = monitor
+            progress(f"building {plan.key.precision} engine")
+            serialized = builder.build_serialized_network(network, config)
+            if serialized is None:
+                raise BackendError(
+                    f"TensorRT failed to build an engine for {plan.model_path} "
+                    "(see the TensorRT messages above)"
+                )
+            engine = bytes(memoryview(serialized))
+            timing = bytes(memoryview(config.get_timing_cache().serialize()))
+            del monitor
+        return engine, timing
+
+    def deserialize(self, engine: bytes) -> trt.ICudaEngine:
+        with self.device.activate():
+            result = self._runtime.deserialize_cuda_engine(engine)
+        if result is None:
+            raise BackendError("TensorRT could not deserialise the engine")
+        return result
+
+    def check(self, engine: bytes) -> None:
+        self.deserialize(engine)
+
+    def close(self) -> None:
+        self.device.release()
+
+
+def _dims(dims: trt.Dims) -> tuple[int, ...]:
+    # Dims behaves like a tuple at run time; the stubs only declare __len__ and __getitem__.
+    return tuple(int(dims[i]) for i in range(len(dims)))
+
+
+def batched(arr: FloatArray, n: int) -> FloatArray:
+    """Give an output without a batch axis one, as the protocol promises: (N*A, K) -> (N, A, K)."""
+    if arr.ndim >= 2 and arr.shape[0] == n:
+        return arr
+    if arr.ndim >= 2:
+        return arr.reshape(n, -1, arr.shape[-1])
+    return arr.reshape(n, -1)
+
+
+class TensorRTBackend:
+    """Runs one deserialised engine with buffers for `max_batch` images."""
+
+    def __init__(
+        self,
+        engine: trt.ICudaEngine,
+        info: ModelInfo,
+        max_batch: int,
+        device: CudaDevice,
+        on_close: Callable[[], None] | None = None,
+    ) -> None:
+        import tensorrt as trt
+
+        self.name = info.name
+        self.info = info
+        self._engine = engine
+        self._device = device
+        self._on_close = on_close
+        self._lock = threading.Lock()
+        self._closed = False
+        names = [engine.get_tensor_name(i) for i in range(engine.num_io_tensors)]
+        inputs = [n for n in names if engine.get_tensor_mode(n) == trt.TensorIOMode.INPUT]
+        self._output_names = [n for n in names if n not in inputs]
+        if len(inputs) != 1:
+            raise BackendError(f"{info.name}: expected one input, the engine has {len(inputs)}")
+        self._input_name = inputs[0]
+        _min, _opt, top = engine.get_tensor_profile_shape(self._input_name, 0)
+        if max_batch > top[0]:
+            raise BackendError(
+                f"{info.name}: the engine allows batches up to {top[0]}, {max_batch} requested"
+            )
+        self._max_batch = max_batch
+        self._image_shape = _dims(top)[1:]
+        with device.activate():
+            self._context = engine.create_execution_context()
+            per_image = self._output_shapes(1)
+            at_max = self._output_shapes(max_batch)
+        self._inputs = [TensorSpec(self._input_name, (-1, *self._image_shape), "float32")]
+        self._outputs = [
+            TensorSpec(n, (-1, *per_image[n][1:]) if per_image[n][0] == 1 else (-1, *per_image[n]))
+            for n in self._output_names
+        ]
+        tensors: dict[str, tuple[tuple[int, ...], Any]] = {
+            self._input_name: ((max_batch, *self._image_shape), self._dtype(self._input_name))
+        }
+        for n in self._output_names:
+            tensors[n] = (at_max[n], self._dtype(n))
+        try:
+            self._buffers = IOBuffers(device, tensors)
+        except CudaError as exc:
+            raise BackendError(f"{info.name}: {exc}") from None
+        for n, buf in self._buffers.buffers.items():
+            if not self._context.set_tensor_address(n, buf.device_ptr):
+                raise BackendError(f"{info.name}: cannot bind tensor {n}")
+
+    def _dtype(self, name: str) -> np.dtype[Any]:
+        import tensorrt as trt
+
+        nptype: Callable[[trt.DataType], type[np.generic]] = trt.nptype
+        return np.dtype(nptype(self._engine.get_tensor_dtype(name)))
+
+    def _output_shapes(self, batch: int) -> dict[str, tuple[int, ...]]:
+        shape = (batch, *self._image_shape)
+        if not self._context.set_input_shape(self._input_name, shape):
+            raise BackendError(f"{self.name}: input shape {shape} is outside the engine's profile")
+        return {n: _dims(self._context.get_tensor_shape(n)) for n in self._output_names}
+
+    @property
+    def inputs(self) -> list[TensorSpec]:
+        return list(self._inputs)
+
+    @property
+    def outputs(self) -> list[TensorSpec]:
+        return list(self._outputs)
+
+    @property
+    def max_batch(self) -> int:
+        return self._max_batch
+
+    def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
+        n = batch.shape[0]
+        if not 1 <= n <= self._max_batch:
+            raise BackendError(f"batch of {n} outside 1..{self._max_batch}")
+        if tuple(batch.shape[1:]) != self._image_shape:
+            raise BackendError(
+                f"{self.name}: expected images of shape {self._image_shape}, got {batch.shape[1:]}"
+            )
+        with self._lock:
+            if self._closed:
+                raise BackendError(f"{self.name}: backend is closed")
+            with self._device.activate():
+                if not self._context.set_input_shape(self._input_name, tuple(batch.shape)):
+                    raise BackendError(f"{self.name}: cannot set input shape {batch.shape}")
+                self._buffers.upload(self._input_name, np.ascontiguousarray(batch))
+                if not self._context.execute_async_v3(self._buffers.stream.handle):
+                    raise BackendError(f"{self.name}: TensorRT execution failed")
+                views = {
+                    o: self._buffers.download(o, _dims(self._context.get_tensor_shape(o)))
+                    for o in self._output_names
+                }
+                self._buffers.synchronize()
+                return {o: batched(np.array(v, dtype=np.float32), n) for o, v in views.items()}
+
+    def close(self) -> None:
+        with self._lock:
+            if self._closed:
+                return
+            self._closed = True
+            self._buffers.close()
+            with self._device.activate():
+                del self._context
+                del self._engine
+        if self._on_close is not None:
+            self._on_close()
+
+
+def open_tensorrt_backend(
+    settings: Settings,
+    info: ModelInfo,
+    model_path: Path,
+    max_batch: int,
+    progress: ProgressFn | None = None,
+) -> TensorRTBackend:
+    """The backend for one model, building (and caching) its engine first if needed."""
+    toolchain = TensorRTToolchain()
+    try:
+        plan = plan_engine(settings, info, model_path, max_batch, toolchain)
+        cache = EngineCache(settings.engines_dir)
+        report = progress or (
+            lambda message: log.info("engine_progress", model=info.name, step=message)
+        )
+        result = cache.get_or_build(
+            plan.label,
+            plan.key,
+            _builder(cache, plan, toolchain, report),
+            toolchain.deserialize,
+            on_event=report,
+        )
+        log.info(
+            "engine_built" if result.built else "engine_loaded",
+            model=info.name,
+            path=str(result.path),
+            precision=plan.key.precision,
+            max_batch=max_batch,
+            seconds=round(result.seconds, 2),
+            reason=result.reason or None,
+        )
+        started = time.monotonic()
+        backend = TensorRTBackend(
+            result.value, info, max_batch, toolchain.device, on_close=toolchain.close
+        )
+        log.debug("context_ready", model=info.name, seconds=round(time.monotonic() - started, 3))
+        return backend
+    except EngineCacheError as exc:
+        toolchain.close()
+        raise BackendError(str(exc)) from None
+    except BaseException:
+        toolchain.close()
+        raise

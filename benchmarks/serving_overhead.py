@@ -1,0 +1,246 @@
+"""What does serving cost? The same detector, image and batch size measured two ways:
+
+(a) a bare loop calling the backend on ready-made batches (the model's own throughput), and
+(b) end to end: `POST /extract` on a real socket against `appliance serve` running in its own
+    process, at several client concurrencies.
+
+It prints medians, p99 and the throughput ratio (b)/(a) per concurrency. Run with
+`python benchmarks/serving_overhead.py` (see --help); results go in docs/BENCHMARKS.md.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import base64
+import json
+import os
+import platform
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import aiohttp
+import cv2
+import numpy as np
+
+from appliance.backends.onnxruntime import OnnxRuntimeBackend
+from appliance.models.registry import ModelRegistry
+from appliance.pipeline.embed import to_blob
+from appliance.pipeline.images import letterbox
+from appliance.testing.models import PlantedFace, build_arcface_model, build_scrfd_model
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(np.array(values), q)) if values else float("nan")
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def make_image(seed: int = 0) -> bytes:
+    rng = np.random.default_rng(seed)
+    # Smooth content compresses like a photo; pure noise would make JPEG decoding the bottleneck.
+    small = rng.integers(0, 255, (60, 80, 3), dtype=np.uint8)
+    img = cv2.resize(small, (640, 480), interpolation=cv2.INTER_CUBIC)
+    ok, buf = cv2.imencode(".jpg", img, [cv2.IMWRITE_JPEG_QUALITY, 90])
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def write_models(directory: Path, layers: int, channels: int) -> None:
+    faces = [PlantedFace.square(100, 120, 80), PlantedFace.square(300, 200, 150)]
+    build_scrfd_model(directory / "det.onnx", faces, trunk_layers=layers, trunk_channels=channels)
+    build_arcface_model(directory / "rec.onnx")
+    override = {
+        "bench_scrfd": {"family": "scrfd", "file": "det.onnx"},
+        "bench_arcface": {"family": "arcface", "file": "rec.onnx"},
+    }
+    (directory / "models.override.json").write_text(json.dumps(override))
+
+
+def bare_loop(directory: Path, image: bytes, batch: int, seconds: float) -> dict[str, float]:
+    registry = ModelRegistry.load(directory / "models.override.json")
+    info = registry.get("bench_scrfd")
+    backend = OnnxRuntimeBackend(directory / "det.onnx", info, max_batch=batch)
+    img = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
+    canvas, _ = letterbox(img, (640, 640))
+    blob = np.repeat(to_blob(canvas, info.default_preprocess), batch, axis=0)
+    backend.infer(blob)  # warm-up: first run allocates
+    times: list[float] = []
+    end = time.perf_counter() + seconds
+    while time.perf_counter() < end:
+        t = time.perf_counter()
+        backend.infer(blob)
+        times.append(time.perf_counter() - t)
+    backend.close()
+    return {
+        "batch_ms_p50": statistics.median(times) * 1e3,
+        "batch_ms_p99": percentile(times, 99) * 1e3,
+        "images_per_s": batch * len(times) / sum(times),
+    }
+
+
+async def load(url: str, image: bytes, concurrency: int, seconds: float) -> dict[str, float]:
+    payload = json.dumps(
+        {"images": {"data": [base64.b64encode(image).decode()]}, "extract_embedding": False}
+    ).encode()
+    latencies: list[float] = []
+    errors = 0
+    async with aiohttp.ClientSession() as session:
+        # Warm-up so that model first-run costs are not counted.
+        async with session.post(
+            url, data=payload, headers={"Content-Type": "application/json"}
+        ) as r:
+            await r.read()
+        end = time.perf_counter() + seconds
+
+        async def client() -> None:
+            nonlocal errors
+            while time.perf_counter() < end:
+                t = time.perf_counter()
+                async with session.post(
+                    url, data=payload, headers={"Content-Type": "application/json"}
+                ) as r:
+                    await r.read()
+                    if r.status != 200:
+                        errors += 1
+                        continue
+                latencies.append(time.perf_counter() - t)
+
+        start = time.perf_counter()
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+        elapsed = time.perf_counter() - start
+    return {
+        "latency_ms_p50": statistics.median(latencies) * 1e3,
+        "latency_ms_p99": percentile(latencies, 99) * 1e3,
+        "images_per_s": len(latencies) / elapsed,
+        "errors": float(errors),
+    }
+
+
+def start_server(
+    directory: Path, port: int, batch: int, window_ms: float
+) -> subprocess.Popen[bytes]:
+    env = {
+        **os.environ,
+        "MODELS_DIR": str(directory),
+        "DET_MODEL": "bench_scrfd",
+        "REC_MODEL": "bench_arcface",
+        "TRUST_UNVERIFIED": "1",
+        "DET_BATCH_SIZE": str(batch),
+        "BATCH_WINDOW_MS": str(window_ms),
+        "MAX_QUEUE": "256",
+        "PORT": str(port),
+        "HOST": "127.0.0.1",
+        "LOG_LEVEL": "WARNING",
+        "LOG_FORMAT": "json",
+    }
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "appliance.cli", "serve", "--no-fetch"],
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(
+                f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}"
+            )
+        try:
+            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
+                return proc
+        except OSError:
+            time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not start within 60 s")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    parser.add_argument("--layers", type=int, default=5, help="test detector trunk depth (cost)")
+    parser.add_argument("--channels", type=int, default=32, help="test detector trunk width (cost)")
+    parser.add_argument("--batch", type=int, default=1, help="DET_BATCH_SIZE for both measurements")
+    parser.add_argument("--window-ms", type=float, default=2.0)
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--seconds", type=float, default=10.0, help="duration of each measurement")
+    parser.add_argument(
+        "--rounds", type=int, default=3, help="alternating rounds; medians are reported"
+    )
+    parser.add_argument("--json", type=Path, help="also write the results here")
+    args = parser.parse_args()
+    concurrencies = [int(c) for c in args.concurrency.split(",")]
+    image = make_image()
+
+    with tempfile.TemporaryDirectory() as tmp:
+        directory = Path(tmp)
+        write_models(directory, args.layers, args.channels)
+        port = free_port()
+        server = start_server(directory, port, args.batch, args.window_ms)
+        url = f"http://127.0.0.1:{port}/extract"
+        bare_runs: list[dict[str, float]] = []
+        served_runs: dict[int, list[dict[str, float]]] = {c: [] for c in concurrencies}
+        try:
+            # Alternate (a) and (b) so that machine noise hits both alike. The server idles
+            # while the bare loop runs, and vice versa.
+            for _ in range(args.rounds):
+                bare_runs.append(bare_loop(directory, image, args.batch, args.seconds))
+                for c in concurrencies:
+                    served_runs[c].append(asyncio.run(load(url, image, c, args.seconds)))
+        finally:
+            server.terminate()
+            server.wait(timeout=30)
+
+    def med(runs: list[dict[str, float]], key: str) -> float:
+        return statistics.median(r[key] for r in runs)
+
+    bare_tput = med(bare_runs, "images_per_s")
+    result: dict[str, Any] = {
+        "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
+        "model": f"generated SCRFD-signature detector, trunk {args.layers}x{args.channels}, 640x640",
+        "batch": args.batch,
+        "bare": {
+            "batch_ms_p50": med(bare_runs, "batch_ms_p50"),
+            "batch_ms_p99": med(bare_runs, "batch_ms_p99"),
+            "images_per_s": bare_tput,
+        },
+        "served": {},
+    }
+    print(
+        f"{result['machine']}; {result['model']}; batch {args.batch}; {args.rounds} rounds x {args.seconds}s"
+    )
+    print(
+        f"(a) bare backend: {bare_tput:7.2f} img/s, batch p50 {result['bare']['batch_ms_p50']:.1f} ms, p99 {result['bare']['batch_ms_p99']:.1f} ms"
+    )
+    for c in concurrencies:
+        runs = served_runs[c]
+        tput = med(runs, "images_per_s")
+        row = {
+            "images_per_s": tput,
+            "latency_ms_p50": med(runs, "latency_ms_p50"),
+            "latency_ms_p99": med(runs, "latency_ms_p99"),
+            "errors": sum(r["errors"] for r in runs),
+            "ratio": tput / bare_tput,
+        }
+        result["served"][c] = row
+        print(
+            f"(b) /extract c={c:<3d}: {tput:7.2f} img/s, latency p50 {row['latency_ms_p50']:.1f} ms, "
+            f"p99 {row['latency_ms_p99']:.1f} ms, errors {row['errors']:.0f}, ratio (b)/(a) {row['ratio']:.3f}"
+        )
+    if args.json:
+        args.json.write_text(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,308 @@
+"""DynamicBatcher with a real event loop and its real worker thread."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import AsyncIterator, Callable
+
+import numpy as np
+import pytest
+
+from appliance.pipeline.batcher import (
+    BatcherClosedError,
+    DynamicBatcher,
+    Outputs,
+    QueueFullError,
+)
+
+
+class Recorder:
+    """A run_batch that records what it was given; optionally blocks until released."""
+
+    def __init__(self, block: bool = False) -> None:
+        self.sizes: list[int] = []
+        self.seen: list[float] = []  # first value of every row it ran
+        self.threads: set[str] = set()
+        self.started = threading.Event()
+        self.release = threading.Event()
+        if not block:
+            self.release.set()
+
+    def __call__(self, batch: np.ndarray) -> Outputs:
+        self.threads.add(threading.current_thread().name)
+        self.started.set()
+        assert self.release.wait(5), "test never released the batch"
+        self.sizes.append(batch.shape[0])
+        self.seen.extend(float(v) for v in batch[:, 0])
+        if (batch[:, 0] < 0).any():
+            raise RuntimeError("negative input")
+        return {"double": batch * 2, "first": batch[:, 0].copy()}
+
+
+def item(value: float) -> np.ndarray:
+    # One (C,) "image"; the value tells items apart.
+    return np.array([value, value + 0.5, value + 0.25], np.float32)
+
+
+def make(
+    run: Callable[[np.ndarray], Outputs],
+    max_batch: int = 4,
+    window_ms: float = 50.0,
+    max_queue: int = 64,
+    observer: Callable[[list[str], float], None] | None = None,
+) -> DynamicBatcher:
+    return DynamicBatcher("test", run, max_batch, window_ms, max_queue, observer)
+
+
+@pytest.fixture
+async def batchers() -> AsyncIterator[list[DynamicBatcher]]:
+    made: list[DynamicBatcher] = []
+    yield made
+    for b in made:
+        await b.stop()
+
+
+def test_invalid_sizes_rejected() -> None:
+    with pytest.raises(ValueError):
+        make(Recorder(), max_batch=0)
+    with pytest.raises(ValueError):
+        make(Recorder(), max_queue=0)
+
+
+async def test_concurrent_submits_are_batched(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=4, window_ms=50)
+    batchers.append(b)
+    b.start()
+    results = await asyncio.gather(*(b.submit(item(i)) for i in range(8)))
+    assert sum(rec.sizes) == 8
+    assert max(rec.sizes) <= 4
+    assert len(rec.sizes) < 8
+    for i, out in enumerate(results):
+        np.testing.assert_array_equal(out["double"], item(i) * 2)
+        assert out["first"] == i
+    assert b.batches_run == len(rec.sizes)
+    assert b.items_run == 8
+    # The backend ran on the batcher's own thread, not the event loop's.
+    assert rec.threads == {"batcher-test"}
+
+
+async def test_single_item_waits_about_the_window(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=4, window_ms=50)
+    batchers.append(b)
+    b.start()
+    start = time.monotonic()
+    out = await b.submit(item(1))
+    elapsed = time.monotonic() - start
+    assert out["first"] == 1
+    assert rec.sizes == [1]
+    # Waited for company for the window, and not much longer.
+    assert 0.04 <= elapsed < 0.25
+
+
+async def test_full_batch_does_not_wait_for_window(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=2, window_ms=1000)
+    batchers.append(b)
+    b.start()
+    start = time.monotonic()
+    outs = await b.submit_many([item(1), item(2)])
+    assert time.monotonic() - start < 0.5
+    assert rec.sizes == [2]
+    assert [float(o["first"]) for o in outs] == [1.0, 2.0]
+
+
+async def test_submit_many_all_or_nothing(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=8, window_ms=0, max_queue=3)
+    batchers.append(b)  # not started yet: the queue only fills
+    first = asyncio.create_task(b.submit_many([item(1), item(2)]))
+    await asyncio.sleep(0)
+    assert b.depth == 2
+    with pytest.raises(QueueFullError, match="2/3"):
+        await b.submit_many([item(3), item(4)])
+    assert b.depth == 2  # nothing of the refused request was queued
+    third = asyncio.create_task(b.submit(item(5)))
+    await asyncio.sleep(0)
+    assert b.depth == 3
+    with pytest.raises(QueueFullError):
+        await b.submit(item(6))
+    b.start()
+    outs = await asyncio.wait_for(first, 2)
+    out5 = await asyncio.wait_for(third, 2)
+    assert [float(o["first"]) for o in outs] == [1.0, 2.0]
+    assert out5["first"] == 5
+    assert sorted(rec.seen) == [1.0, 2.0, 5.0]
+
+
+async def test_submit_many_empty_is_noop() -> None:
+    b = make(Recorder())
+    assert await b.submit_many([]) == []
+
+
+async def test_failed_batch_fails_only_its_items(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=2, window_ms=20)
+    batchers.append(b)
+    b.start()
+    bad, good = await asyncio.gather(
+        b.submit_many([item(-1), item(1)]),
+        b.submit_many([item(2), item(3)]),
+        return_exceptions=True,
+    )
+    assert isinstance(bad, RuntimeError)
+    assert str(bad) == "negative input"
+    assert isinstance(good, list)
+    assert [float(o["first"]) for o in good] == [2.0, 3.0]
+    # The worker survived: the next batch works.
+    out = await asyncio.wait_for(b.submit(item(4)), 2)
+    assert out["first"] == 4
+    assert b.items_run == 3  # failed batches do not count as run
+
+
+async def test_stop_fails_pending_and_joins_thread() -> None:
+    rec = Recorder(block=True)
+    b = make(rec, max_batch=1, window_ms=0)
+    b.start()
+    thread = b._thread
+    assert thread is not None and thread.is_alive()
+    running = asyncio.create_task(b.submit(item(1)))
+    assert await asyncio.to_thread(rec.started.wait, 2)
+    pending = [asyncio.create_task(b.submit(item(v))) for v in (2, 3)]
+    await asyncio.sleep(0)
+    assert b.depth == 2
+    asyncio.get_running_loop().call_later(0.05, rec.release.set)
+    await asyncio.wait_for(b.stop(), 2)
+    assert not thread.is_alive()
+    assert b._thread is None
+    for task in pending:
+        with pytest.raises(BatcherClosedError):
+            await task
+    # The batch already on the backend finishes normally.
+    assert (await running)["first"] == 1
+    assert rec.seen == [1.0]
+    with pytest.raises(BatcherClosedError):
+        await b.submit(item(4))
+
+
+async def test_stop_idle_and_twice() -> None:
+    b = make(Recorder())
+    b.start()
+    b.start()  # idempotent
+    await asyncio.wait_for(b.stop(), 2)
+    await asyncio.wait_for(b.stop(), 2)
+    never_started = make(Recorder())
+    await never_started.stop()
+
+
+async def test_cancelled_items_are_skipped(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder(block=True)
+    b = make(rec, max_batch=4, window_ms=0)
+    batchers.append(b)
+    b.start()
+    first = asyncio.create_task(b.submit(item(1)))
+    assert await asyncio.to_thread(rec.started.wait, 2)
+    doomed = asyncio.create_task(b.submit_many([item(2), item(3)]))
+    kept = asyncio.create_task(b.submit(item(4)))
+    await asyncio.sleep(0)
+    assert b.depth == 3
+    doomed.cancel()
+    with pytest.raises(asyncio.CancelledError):
+        await doomed
+    rec.release.set()
+    assert (await asyncio.wait_for(first, 2))["first"] == 1
+    assert (await asyncio.wait_for(kept, 2))["first"] == 4
+    assert rec.seen == [1.0, 4.0]
+    assert rec.sizes == [1, 1]
+
+
+async def test_each_item_gets_its_own_row(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=8, window_ms=30)
+    batchers.append(b)
+    b.start()
+    a, c = await asyncio.gather(
+        b.submit_many([item(10), item(11), item(12)]),
+        b.submit_many([item(20), item(21)]),
+    )
+    assert rec.sizes == [5]
+    for value, out in zip([10, 11, 12], a, strict=True):
+        np.testing.assert_array_equal(out["double"], item(value) * 2)
+        assert out["double"].shape == (3,)
+        assert out["first"] == value
+    assert [float(o["first"]) for o in c] == [20.0, 21.0]
+
+
+async def test_observer_gets_tags_and_duration(batchers: list[DynamicBatcher]) -> None:
+    seen: list[tuple[list[str], float]] = []
+    rec = Recorder()
+    b = make(rec, max_batch=4, window_ms=30, observer=lambda tags, s: seen.append((tags, s)))
+    batchers.append(b)
+    b.start()
+    await asyncio.gather(
+        b.submit(item(1), tag="rest"),
+        b.submit_many([item(2), item(3)], tag="stream"),
+    )
+    assert len(seen) == 1
+    tags, seconds = seen[0]
+    assert tags == ["rest", "stream", "stream"]
+    assert 0 <= seconds < 1
+
+
+async def test_window_is_settable_while_running(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=4, window_ms=0)
+    batchers.append(b)
+    b.start()
+    b.window_s = 0.15
+    start = time.monotonic()
+    await b.submit(item(1))
+    assert time.monotonic() - start >= 0.12
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_observer_error_does_not_kill_worker(batchers: list[DynamicBatcher]) -> None:
+    def observer(tags: list[str], seconds: float) -> None:
+        raise RuntimeError("metrics broke")
+
+    b = make(Recorder(), max_batch=1, window_ms=0, observer=observer)
+    batchers.append(b)
+    b.start()
+    await asyncio.gather(
+        asyncio.wait_for(b.submit(item(1)), 0.5), return_exceptions=True
+    )  # whatever this one gets, the worker must live on
+    assert b._thread is not None and b._thread.is_alive()
+
+
+@pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
+async def test_short_output_fails_items_not_worker(batchers: list[DynamicBatcher]) -> None:
+    def short(batch: np.ndarray) -> Outputs:
+        return {"out": batch[:1]}
+
+    b = make(short, max_batch=2, window_ms=20)
+    batchers.append(b)
+    b.start()
+    results = await asyncio.gather(
+        asyncio.wait_for(b.submit_many([item(1), item(2)]), 0.5), return_exceptions=True
+    )
+    assert not isinstance(results[0], asyncio.TimeoutError)
+    assert b._thread is not None and b._thread.is_alive()
+
+
+async def test_window_counts_from_first_arrival(batchers: list[DynamicBatcher]) -> None:
+    rec = Recorder(block=True)
+    b = make(rec, max_batch=4, window_ms=150)
+    batchers.append(b)
+    b.start()
+    first = asyncio.create_task(b.submit(item(1)))
+    assert await asyncio.to_thread(rec.started.wait, 2)  # worker busy with item 1
+    second = asyncio.create_task(b.submit(item(2)))
+    await asyncio.sleep(0.3)  # item 2 has now waited twice the window
+    released = time.monotonic()
+    rec.release.set()
+    await asyncio.wait_for(first, 2)
+    await asyncio.wait_for(second, 2)
+    assert time.monotonic() - released < 0.1
