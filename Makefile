@@ -24,9 +24,14 @@ $(STAMP): pyproject.toml requirements-apt.txt $(wildcard requirements-ansible.tx
 	$(MAKE) system-deps
 	[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q --upgrade pip wheel setuptools
-	$(PY) -m pip install -q -e '.[dev]' $(if $(wildcard requirements-ansible.txt),-r requirements-ansible.txt)
+	$(PY) -m pip install -q -e '.[dev,jetson]' $(if $(wildcard requirements-ansible.txt),-r requirements-ansible.txt)
 	# TensorRT itself only installs on Jetson; its stubs let mypy check the backend anywhere.
-	$(PY) -m pip install -q --no-deps tensorrt-stubs
+	# tensorrt-stubs 10.13.0.35.1 lacks py.typed and is not valid Python in two places (a
+	# parameter named `in`, a required parameter after defaulted ones): fix the installed copy.
+	$(PY) -m pip install -q --no-deps 'tensorrt-stubs==10.13.0.35.1'
+	site=$$($(PY) -c 'import sysconfig; print(sysconfig.get_paths()["purelib"])'); \
+	sed -i -E 's/([(, ])in: /\1in_: /g; s/power: Weights = None, channel_axis: int\)/power: Weights = None, channel_axis: int = ...)/' $$site/tensorrt_bindings/tensorrt.pyi && \
+	touch $$site/tensorrt/py.typed $$site/tensorrt_bindings/py.typed
 	touch $(STAMP)
 
 run: $(STAMP)

@@ -68,6 +68,20 @@ async def wait_closed(ws: aiohttp.ClientWebSocketResponse, timeout: float = WAIT
             return ws.close_code
 
 
+async def close_message(
+    ws: aiohttp.ClientWebSocketResponse, timeout: float = WAIT_S
+) -> tuple[int | None, str]:
+    """Read until the server's close frame; returns its code and reason."""
+    deadline = time.monotonic() + timeout
+    while True:
+        remaining = deadline - time.monotonic()
+        assert remaining > 0, "the server did not close the stream"
+        msg = await ws.receive(timeout=remaining)
+        if msg.type == aiohttp.WSMsgType.CLOSE:
+            return ws.close_code, str(msg.extra or "")
+        assert msg.type == aiohttp.WSMsgType.TEXT, f"unexpected {msg}"
+
+
 async def eventually(check: Callable[[], bool], timeout: float = WAIT_S) -> None:
     """Poll a cheap in-process condition (no event exists for it) until true."""
     deadline = time.monotonic() + timeout

@@ -63,7 +63,7 @@ def find_chromium() -> str | None:
 class DevTools:
     """The few Chrome DevTools Protocol calls the test needs, over aiohttp's WebSocket."""
 
-    def __init__(self, ws: aiohttp.ClientWebSocketResponse) -> None:
+    def __init__(self, ws: aiohttp.ClientWebSocketResponse[bool]) -> None:
         self.ws = ws
         self.ids = itertools.count(1)
         self.pending: dict[int, asyncio.Future[dict[str, Any]]] = {}
@@ -224,7 +224,7 @@ async def test_live_view_streams_the_webcam_and_draws_the_planted_faces(
     png = base64.b64decode(shot["data"])
     (ARTIFACTS / "live_view.png").write_bytes(png)
     decoded = cv2.imdecode(np.frombuffer(png, np.uint8), cv2.IMREAD_COLOR)
-    assert decoded.shape[:2] == (800, 1280)
+    assert decoded is not None and decoded.shape[:2] == (800, 1280)
 
     # A governor change reaches the page: warm halves the stream's fps cap.
     server.server.app[state.POLICY].publish(LoadPolicy(state="warm", fps_factor=0.5))
@@ -247,3 +247,35 @@ async def test_live_view_reports_a_wrong_token(serve: Any, browser: DevTools) ->
     error = await browser.wait_for("window.liveView && window.liveView.error")
     assert "token" in error
     assert await browser.evaluate("window.liveView.results") == 0
+
+
+async def test_live_view_streams_a_local_video_file(
+    serve: Any, browser: DevTools, tmp_path: Path
+) -> None:
+    video = tmp_path / "clip.webm"
+    # VP8 in WebM: a format Chromium plays without proprietary codecs.
+    fourcc = cv2.VideoWriter_fourcc(*"VP80")  # type: ignore[attr-defined]
+    writer = cv2.VideoWriter(str(video), fourcc, 10, (640, 480))
+    assert writer.isOpened()
+    for i in range(30):
+        frame = np.full((480, 640, 3), 40, np.uint8)
+        cv2.circle(frame, (100 + 15 * i, 240), 40, (200, 120, 40), -1)
+        writer.write(frame)
+    writer.release()
+    server = await serve()
+    base = f"http://{server.server.host}:{server.server.port}"
+    await browser.call("Page.navigate", url=f"{base}/?fps=10")
+    await browser.wait_for("document.readyState === 'complete' && !!window.liveView")
+    await browser.evaluate("document.querySelector('input[value=file]').click()")
+    document = await browser.call("DOM.getDocument")
+    node = await browser.call(
+        "DOM.querySelector", nodeId=document["root"]["nodeId"], selector="#file"
+    )
+    await browser.call("DOM.setFileInputFiles", files=[str(video)], nodeId=node["nodeId"])
+    await browser.evaluate("document.getElementById('start').click()")
+    live = json.loads(
+        await browser.wait_for("window.liveView.results >= 2 && JSON.stringify(window.liveView)")
+    )
+    assert live["frameSize"] == [640, 480]
+    assert len(live["lastResult"]["faces"]) == 3
+    assert live["error"] is None

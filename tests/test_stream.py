@@ -18,6 +18,7 @@ from tests import stream_fixtures
 from tests.conftest import PLANTED
 from tests.helpers import b64, jpeg, png
 from tests.stream_fixtures import (
+    close_message,
     eventually,
     metric,
     receive_json,
@@ -71,7 +72,9 @@ async def test_embeddings_off_and_threshold_from_config(serve: Any) -> None:
 async def test_burst_faster_than_model_drops_frames_without_backlog(
     serve: Any, slow_models_dir: Path
 ) -> None:
-    client = await serve(models_dir=slow_models_dir, stream_max_fps=1000.0)
+    client = await serve(
+        models_dir=slow_models_dir, stream_max_fps=1000.0, stream_stats_interval_s=0.2
+    )
     app = client.server.app
     batcher = app[state.ANALYZER].detector.batcher
     peak = {"depth": 0, "waiting": 0, "outbox": 0}
@@ -175,7 +178,7 @@ async def test_non_reading_client_does_not_slow_a_second_stream(serve: Any) -> N
                 assert result["seq"] == seq
                 round_trips.append(time.perf_counter() - t0)
             assert float(np.median(round_trips)) < 0.25
-            assert max(round_trips) < 1.0
+            assert max(round_trips) < 2.0
             assert lazy_stream.counters.processed > 20
             assert len(lazy_stream.outbox) <= 2
         finally:
@@ -197,6 +200,8 @@ async def test_frame_over_max_frame_bytes_closes_with_1009(serve: Any) -> None:
     assert metric(text, "appliance_streams_closed_total", code="1009") == 1
 
 
+# The truncated JPEG below makes libjpeg-turbo warn before it fails: expected here.
+@pytest.mark.filterwarnings("ignore:Invalid JPEG file structure")
 async def test_garbage_frames_beyond_the_limit_close_with_1008(serve: Any) -> None:
     client = await serve(stream_max_bad_frames=3)
     async with client.ws_connect("/ws/stream") as ws:
@@ -227,8 +232,9 @@ async def test_bad_config_closes_with_1008(serve: Any, config: dict[str, Any]) -
     client = await serve()
     async with client.ws_connect("/ws/stream") as ws:
         await ws.send_json(config)
-        assert await wait_closed(ws) == 1008
-        assert "bad config" in str(ws.protocol or "") or ws.close_code == 1008
+        _, reason = await close_message(ws)
+        assert ws.close_code == 1008
+        assert reason.startswith("bad config: ")
 
 
 def test_parse_config_clamps_max_fps_and_reports_unknown_fields() -> None:
@@ -317,24 +323,26 @@ async def test_governor_warm_pushes_halved_fps_and_critical_closes_with_1013(ser
 
 
 async def test_fps_cap_drops_frames_that_arrive_too_fast(serve: Any) -> None:
-    client = await serve()
+    client = await serve(stream_stats_interval_s=0.2)
     async with client.ws_connect("/ws/stream") as ws:
         await ws.send_json({"type": "config", "max_fps": 2, "extract_embedding": False})
         await receive_until(ws, is_type("config"))
+        t_sent = time.perf_counter()
         for seq in range(1, 21):
             await ws.send_json({"type": "frame", "seq": seq, "ts": None})
             await ws.send_bytes(FRAME)
         first, _ = await receive_until(ws, is_type("result"))
-        t_first = time.perf_counter()
         second, _ = await receive_until(ws, is_type("result"))
-        gap = time.perf_counter() - t_first
+        # Measured from the first send, which precedes the first frame's start: how long the
+        # first result itself took (a loaded machine) cannot shrink this interval.
+        gap = time.perf_counter() - t_sent
         stats = None
         while stats is None or stats["received"] < 20:
             stats, _ = await receive_until(ws, is_type("stats"))
     # The first frame starts at once, the next no sooner than 1/2 s later, and it is the
     # newest one: everything in between was dropped.
     assert (first["seq"], second["seq"]) == (1, 20)
-    assert gap > 0.4
+    assert gap >= 0.5
     assert (stats["processed"], stats["dropped"]) == (2, 18)
 
 

@@ -22,6 +22,7 @@ from appliance.api import middleware, openapi, rest, state, stream
 from appliance.api.metrics import Metrics
 from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
+from appliance.api.watchdog import watchdog_ctx
 from appliance.backends.base import BackendError, InferenceBackend
 from appliance.backends.factory import ResolvedBackend, open_backend, resolve_backend
 from appliance.config import Settings
@@ -58,10 +59,8 @@ def locate_model(settings: Settings, registry: ModelRegistry, name: str) -> tupl
     info = registry.get(name)
     if settings.demo_models:
         return info, settings.models_dir / info.file
-    try:
-        from appliance.models.store import ModelStore, ModelStoreError
-    except ImportError:  # TEMP until store lands
-        return info, settings.models_dir / info.file
+    from appliance.models.store import ModelStore, ModelStoreError
+
     store = ModelStore(settings.models_dir, registry, trust_unverified=settings.trust_unverified)
     try:
         return info, store.require(name)
@@ -219,7 +218,7 @@ def create_app(settings: Settings) -> web.Application:
     app[state.INFO_PROVIDERS] = {}
     app[state.READINESS_CHECKS] = {}
     app[state.POLICY] = PolicyBoard()
-    app.cleanup_ctx.extend([executor_ctx, models_ctx, url_session_ctx])
+    app.cleanup_ctx.extend([executor_ctx, models_ctx, watchdog_ctx, url_session_ctx])
     app.add_routes(rest.routes)
     app.add_routes(openapi.routes)
     stream.setup_streams(app)

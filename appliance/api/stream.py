@@ -243,8 +243,8 @@ class Stream:
             return
         self.close_code = code
         log.info("stream_closing", stream_id=self.id, code=int(code), reason=reason)
-        # A task, because callers are sync (policy callbacks) or the tasks close() would wait
-        # for. Close-frame reasons are limited to 123 bytes by RFC 6455.
+        # A task: policy callbacks are synchronous, and the worker must not wait on a close
+        # handshake that the reader completes. RFC 6455 limits close reasons to 123 bytes.
         self.closer = asyncio.ensure_future(self.ws.close(code=code, message=reason.encode()[:123]))
 
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:

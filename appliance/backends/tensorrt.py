@@ -304,9 +304,13 @@ class TensorRTToolchain:
                     trt.Dims(list(shape.max)),
                 )
             config.add_optimization_profile(profile)
-            cache = config.create_timing_cache(timing_cache or b"")
-            if cache is None or not config.set_timing_cache(cache, False):
-                # A timing cache from another TensorRT or GPU: start afresh rather than fail.
+            try:
+                cache = config.create_timing_cache(timing_cache or b"")
+                reused = cache is not None and config.set_timing_cache(cache, False)
+            except Exception:  # a damaged cache file raises in some 10.x releases
+                reused = False
+            if not reused:
+                # A timing cache from another TensorRT or GPU, or damaged: start afresh.
                 cache = config.create_timing_cache(b"")
                 config.set_timing_cache(cache, True)
             monitor = Monitor()
@@ -320,6 +324,8 @@ class TensorRTToolchain:
                 )
             engine = bytes(memoryview(serialized))
             timing = bytes(memoryview(config.get_timing_cache().serialize()))
+            # The config holds a raw pointer to the monitor: drop the TensorRT objects first.
+            del serialized, config, parser, network, builder
             del monitor
         return engine, timing
 
@@ -499,6 +505,8 @@ def open_tensorrt_backend(
             reason=result.reason or None,
         )
         started = time.monotonic()
+        # on_close keeps the toolchain, and so the TensorRT runtime and logger, alive as long
+        # as the engine: TensorRT requires the runtime to outlive engines it deserialised.
         backend = TensorRTBackend(
             result.value, info, max_batch, toolchain.device, on_close=toolchain.close
         )

@@ -216,6 +216,10 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, TargetError) as exc:
         print(f"appliance check: {exc}", file=sys.stderr)
         return EXIT_CONFIG
+    from appliance.logging import configure_logging
+
+    # Engine builds that `check` triggers report their progress through the log.
+    configure_logging(settings.log_level, settings.log_format)
     usable, reason = tensorrt_usable()
     try:
         if not usable:

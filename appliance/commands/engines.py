@@ -105,7 +105,12 @@ def configured_models(settings: Settings, names: list[str] | None = None) -> lis
     if settings.demo_models:
         from appliance.testing.models import build_demo_models
 
-        build_demo_models(settings.models_dir, settings.max_size)
+        try:
+            build_demo_models(settings.models_dir, settings.max_size)
+        except OSError as exc:
+            raise TargetError(
+                f"cannot write the demo models to {settings.models_dir}: {exc}"
+            ) from None
         default = [DEMO_DETECTOR, DEMO_RECOGNIZER]
     else:
         default = [settings.det_model, settings.rec_model]

@@ -54,4 +54,4 @@ def align_face(img: ImageArray, landmarks: FloatArray, size: int = CROP_SIZE) ->
     template = ARCFACE_TEMPLATE * (size / CROP_SIZE)
     matrix = similarity_transform(landmarks, template)
     crop = cv2.warpAffine(img, matrix, (size, size), borderValue=0.0)
-    return crop  # type: ignore[no-any-return]
+    return np.asarray(crop, dtype=np.uint8)

@@ -19,6 +19,7 @@ Nothing here imports `jtop` at module level: the package must import where it is
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import time
 from collections.abc import Mapping
@@ -142,8 +143,9 @@ class SysfsSource:
     - GPU load, where present: the same file jetson-stats reads, `<devfreq>/device/load` for the
       `/sys/class/devfreq/*` entry whose `device/of_node/name` names a GPU (Orin: 17000000.gpu,
       name "gpu" or "ga10b"), else the legacy `/sys/devices/platform/gpu.0/load`. Value in 0.1 %.
-    A zone whose file cannot be read or parsed is skipped; a snapshot with no zone at all, or an
-    unreadable/garbled meminfo, raises TelemetryError.
+    A zone whose file cannot be read or parsed is skipped; zones that exist but none of which
+    can be read, or an unreadable/garbled meminfo, raise TelemetryError. A host with no thermal
+    zone at all (a VM, a CI container) gives empty temperatures: only memory is watched there.
     """
 
     name = "sysfs"
@@ -179,6 +181,13 @@ class SysfsSource:
     def close(self) -> None:
         pass
 
+    def describe(self) -> str:
+        """The root, and a warning when it has no thermal zone (for /health's reason)."""
+        base = self.root / "sys" / "class" / "thermal"
+        if any(base.glob("thermal_zone*")):
+            return str(self.root)
+        return f"{self.root} (no thermal zones: memory only)"
+
     def _read_temperatures(self) -> dict[str, float]:
         base = self.root / "sys" / "class" / "thermal"
         zones = sorted(base.glob("thermal_zone*"))
@@ -202,9 +211,10 @@ class SysfsSource:
             if name in temps:
                 name = f"{name}.{zone.name.removeprefix('thermal_zone')}"
             temps[name] = celsius
-        if not temps:
-            detail = "; ".join(errors) if errors else "no thermal_zone*"
-            raise TelemetryError(f"no readable thermal zone under {base}: {detail}")
+        if zones and not temps and errors:
+            # Zones exist but none could be read: the thermal half of the watchdog is blind.
+            raise TelemetryError(f"no readable thermal zone under {base}: {'; '.join(errors)}")
+        # No zones at all (a VM, a CI container): memory is still watched; choose_source says so.
         return temps
 
     def _gpu_load_file(self) -> Path | None:
@@ -332,10 +342,9 @@ class JtopSource:
     def close(self) -> None:
         client, self._client = self._client, None
         if client is not None:
-            try:
+            # Closing a half-dead client must never mask the error that got us here.
+            with contextlib.suppress(Exception):
                 client.close()
-            except Exception:  # closing a half-dead client must never mask the real error
-                pass
 
 
 def choose_source(settings: Settings) -> tuple[TelemetrySource, str]:
@@ -346,8 +355,9 @@ def choose_source(settings: Settings) -> tuple[TelemetrySource, str]:
     """
     mode = settings.telemetry_source
     sysfs = SysfsSource(settings.sysfs_root)
+    sysfs_note = sysfs.describe()
     if mode == "sysfs":
-        return sysfs, f"TELEMETRY_SOURCE=sysfs: reading {settings.sysfs_root}"
+        return sysfs, f"TELEMETRY_SOURCE=sysfs: reading {sysfs_note}"
     try:
         source = JtopSource(interval_s=settings.watchdog_interval_s)
     except ImportError:
@@ -358,7 +368,7 @@ def choose_source(settings: Settings) -> tuple[TelemetrySource, str]:
         return source, f"TELEMETRY_SOURCE={mode}: jtop service answered"
     if mode == "jtop":
         raise TelemetryError(f"TELEMETRY_SOURCE=jtop but {problem}")
-    return sysfs, f"TELEMETRY_SOURCE=auto: {problem}; reading sysfs under {settings.sysfs_root}"
+    return sysfs, f"TELEMETRY_SOURCE=auto: {problem}; reading sysfs under {sysfs_note}"
 
 
 def _one_line(exc: BaseException) -> str:

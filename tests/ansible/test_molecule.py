@@ -1,0 +1,127 @@
+"""Molecule scenarios over sandbox hosts (DESIGN.md section 7), run as CI runs them.
+
+`molecule test` boots sandbox hosts (debootstrap root, network namespace, systemd as PID 1),
+converges the site playbook's roles, checks idempotence, verifies from inside and from the
+controller, and destroys them; the negative scenario checks preflight refuses JetPack 5 and
+non-Jetson hosts and that the docker_network decision picks the right fix per case.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[2]
+VENV_BIN = Path(sys.executable).parent
+SANDBOX = REPO / "molecule" / "sandbox" / "sandbox.sh"
+ANSI = re.compile(r"\x1b\[[0-9;]*m")
+
+
+def _skip_reason() -> str | None:
+    if os.geteuid() != 0:
+        return "sandbox hosts need root (network namespaces, chroot)"
+    if (
+        shutil.which("ip") is None
+        or subprocess.run(["ip", "netns", "list"], capture_output=True, check=False).returncode
+    ):
+        return "`ip netns` is not available"
+    if (
+        shutil.which("debootstrap") is None
+        and shutil.which("debootstrap", path="/usr/sbin") is None
+    ):
+        return "debootstrap is not installed (see requirements-apt.txt)"
+    if not (VENV_BIN / "molecule").exists():
+        return f"molecule is not installed in {VENV_BIN} (pip install -r requirements-ansible.txt)"
+    return None
+
+
+pytestmark = [
+    pytest.mark.slow,
+    pytest.mark.skipif(_skip_reason() is not None, reason=str(_skip_reason())),
+]
+
+
+def _molecule(scenario: str, tmp_path: Path) -> tuple[int, str]:
+    env = dict(os.environ)
+    env["PATH"] = (
+        f"{VENV_BIN}{os.pathsep}/usr/sbin{os.pathsep}/sbin{os.pathsep}{env.get('PATH', '')}"
+    )
+    env.update(
+        {
+            "ANSIBLE_NOCOLOR": "1",
+            "NO_COLOR": "1",
+            "ANSIBLE_FORCE_COLOR": "0",
+            "PY_COLORS": "0",
+            "COLUMNS": "400",
+            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
+        }
+    )
+    proc = subprocess.run(
+        [str(VENV_BIN / "molecule"), "test", "-s", scenario],
+        cwd=REPO,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+        timeout=900,
+        check=False,
+    )
+    (tmp_path / f"molecule-{scenario}.log").write_text(proc.stdout)
+    return proc.returncode, proc.stdout
+
+
+def _flat(output: str) -> str:
+    """Output without colours, box drawing and line wrapping, for substring checks."""
+    text = ANSI.sub("", output).replace("│", " ")
+    return " ".join(text.split())
+
+
+def _assert_nothing_left(platforms: list[tuple[str, int]]) -> None:
+    for name, index in platforms:
+        subprocess.run([str(SANDBOX), "assert-clean", name, str(index)], check=True)
+
+
+@pytest.mark.timeout(900)
+def test_default_scenario_converges_idempotently_and_verifies(tmp_path: Path) -> None:
+    rc, output = _molecule("default", tmp_path)
+    flat = _flat(output)
+    assert rc == 0, output[-6000:]
+    for step in ("create", "prepare", "converge", "idempotence", "verify", "destroy"):
+        assert f"default ➜ {step}: Executed: Successful" in flat, step
+    # The second converge (idempotence) changed nothing on either host.
+    recaps = re.findall(r"(jetson-[ab]) : ok=\d+ changed=(\d+)", flat)
+    assert recaps, "no play recap for the sandbox hosts"
+    assert "Idempotence completed successfully" in flat
+    assert "docker_network case 'no_docker'" in flat
+    _assert_nothing_left([("jetson-a", 21), ("jetson-b", 22)])
+
+
+@pytest.mark.timeout(600)
+def test_negative_scenario_refuses_wrong_hosts_and_decides_fixes(tmp_path: Path) -> None:
+    rc, output = _molecule("negative", tmp_path)
+    flat = _flat(output)
+    assert rc == 0, output[-6000:]
+    assert (
+        "NEGATIVE-PREFLIGHT jetpack5: Preflight failed on jetpack5: L4T release: found R35 "
+        "REVISION 4.1 (from /etc/nv_tegra_release, JetPack 5), required R36 with REVISION >= 4"
+    ) in flat
+    assert (
+        "NEGATIVE-PREFLIGHT not-a-jetson: Preflight failed on not-a-jetson: L4T release: found "
+        "none (no /etc/nv_tegra_release and no nvidia-l4t-core package: not a Jetson)"
+    ) in flat
+    assert "Skipping jtop on not-a-jetson" in flat
+    for case in (
+        "raw_table_missing_optout no_iptables_raw,kernel_modules,port_filter",
+        "raw_table_missing_pin pin_docker,kernel_modules,port_filter",
+        "raw_table_present kernel_modules,port_filter",
+        "docker_before_28 ip_forward,kernel_modules,port_filter",
+        "nft_broken iptables_legacy,kernel_modules,port_filter",
+    ):
+        assert case in flat, case
+    _assert_nothing_left([("jetpack5", 31), ("not-a-jetson", 32)])
