@@ -443,6 +443,7 @@ async def test_info_health_openapi_and_docs(serve: Any, models_dir: Path) -> Non
     client = await serve()
     info = await (await client.get("/info")).json()
     assert info["backend"] == "onnx"
+    assert "TensorRT not usable" in info["backend_reason"]
     det = info["models"]["detector"]
     assert det["name"] == "test_scrfd" and det["input_size"] == [640, 640] and det["max_batch"] == 4
     import hashlib

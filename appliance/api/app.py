@@ -24,7 +24,7 @@ from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
 from appliance.api.watchdog import watchdog_ctx
 from appliance.backends.base import BackendError, InferenceBackend
-from appliance.backends.factory import ResolvedBackend, open_backend, resolve_backend
+from appliance.backends.factory import ResolvedBackend, choose_backend, open_backend
 from appliance.config import Settings
 from appliance.models import onnx_graph
 from appliance.models.registry import DEMO_DETECTOR, DEMO_RECOGNIZER, ModelInfo, ModelRegistry
@@ -116,7 +116,7 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     metrics = app[state.METRICS]
     det_name, rec_name = model_names(settings)
 
-    def load_all() -> tuple[str, LoadedModel, LoadedModel]:
+    def load_all() -> tuple[str, str, LoadedModel, LoadedModel]:
         if settings.demo_models:
             from appliance.testing.models import build_demo_models
 
@@ -129,17 +129,18 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
                 f"DET_MODEL must be an scrfd model and REC_MODEL an arcface model; got "
                 f"{det_name} ({det_info.family}) and {rec_name} ({rec_info.family})"
             )
-        kind = resolve_backend(settings)
+        kind, reason = choose_backend(settings)
+        log.info("backend_chosen", backend=kind, reason=reason)
         det = load_model(kind, settings, det_info, det_path, settings.det_batch_size)
         try:
             rec = load_model(kind, settings, rec_info, rec_path, settings.rec_batch_size)
         except BaseException:
             det.backend.close()
             raise
-        return kind, det, rec
+        return kind, reason, det, rec
 
     try:
-        kind, det, rec = await asyncio.to_thread(load_all)
+        kind, reason, det, rec = await asyncio.to_thread(load_all)
     except BackendError as exc:
         raise StartupError(str(exc)) from None
     det_size = detector_input_size(settings, det.backend)
@@ -180,6 +181,7 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     models = app[state.MODELS]
     models.backend = kind
+    models.backend_reason = reason
     models.detector = _describe(det, det_size, det.backend.max_batch)
     models.recognizer = _describe(rec, (112, 112), rec.backend.max_batch)
     models.loaded = True

@@ -305,6 +305,7 @@ async def info(request: web.Request) -> web.Response:
     payload: dict[str, Any] = {
         "version": __version__,
         "backend": models.backend,
+        "backend_reason": models.backend_reason,
         "models": {"detector": models.detector, "recognizer": models.recognizer},
         "jpeg_decoder": app[state.DECODER].jpeg_library,
         "settings": app[state.SETTINGS].public_dict(),

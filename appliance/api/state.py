@@ -24,6 +24,7 @@ class ModelsState:
     backend: str
     detector: dict[str, Any]
     recognizer: dict[str, Any]
+    backend_reason: str = ""
     loaded: bool = False
 
 

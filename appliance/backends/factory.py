@@ -21,16 +21,22 @@ def tensorrt_usable() -> tuple[bool, str]:
     return tensorrt_available()
 
 
-def resolve_backend(settings: Settings) -> ResolvedBackend:
-    """Map INFERENCE_BACKEND (auto | trt | onnx) to the backend that will run."""
+def choose_backend(settings: Settings) -> tuple[ResolvedBackend, str]:
+    """Map INFERENCE_BACKEND (auto | trt | onnx) to the backend that will run, and say why."""
     if settings.inference_backend == "onnx":
-        return "onnx"
+        return "onnx", "INFERENCE_BACKEND=onnx"
     usable, reason = tensorrt_usable()
     if settings.inference_backend == "trt":
         if not usable:
             raise BackendError(f"INFERENCE_BACKEND=trt but TensorRT cannot be used here: {reason}")
-        return "trt"
-    return "trt" if usable else "onnx"
+        return "trt", f"INFERENCE_BACKEND=trt: {reason}"
+    if usable:
+        return "trt", f"INFERENCE_BACKEND=auto: {reason}"
+    return "onnx", f"INFERENCE_BACKEND=auto: TensorRT not usable ({reason})"
+
+
+def resolve_backend(settings: Settings) -> ResolvedBackend:
+    return choose_backend(settings)[0]
 
 
 def open_backend(
