@@ -2,7 +2,8 @@
 
 Sources and checksums are InsightFace-REST's published model list (see shared/MODELS.md):
 Google Drive file ids and md5 sums. A checksum is kept with its algorithm (`md5:...`,
-`sha256:...`) and never invented: a model without one is only used with `trust_unverified`.
+`sha256:...`) and never invented: a model that would be downloaded without one is only
+fetched and used with `trust_unverified`; the operator's own file (no URL) is used as given.
 
 Operators add models of a known family with a JSON override file (InsightFace-REST's
 `models.override.json`): `{"my_scrfd": {"family": "scrfd", "file": "my.onnx", ...}}`.

@@ -160,7 +160,9 @@ class DynamicBatcher:
             short = [name for name, value in outputs.items() if value.shape[0] < len(batch)]
             if short:
                 raise RuntimeError(f"{self.name}: outputs {short} have fewer rows than the batch")
-            results = [{name: value[i] for name, value in outputs.items()} for i in range(len(batch))]
+            results = [
+                {name: value[i] for name, value in outputs.items()} for i in range(len(batch))
+            ]
         except Exception as exc:  # a failed batch fails its items, never the worker
             for item in batch:
                 item.loop.call_soon_threadsafe(_fail, item.future, exc)
