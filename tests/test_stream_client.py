@@ -103,11 +103,16 @@ async def test_cli_streams_an_image_directory_as_json_lines(serve: Any, image_di
     )
     assert code == 0, err
     results = [json.loads(line) for line in out.splitlines()]
-    # 5 fps paced, 5 fps cap: every frame is answered, in order, without embeddings.
-    assert [r["seq"] for r in results] == [1, 2, 3, 4, 5]
+    # Results come in order, the newest frame always wins (a loaded machine may replace a
+    # frame that waited behind a slow one, never the last), and every frame is accounted for.
+    seqs = [r["seq"] for r in results]
+    assert seqs == sorted(seqs) and set(seqs) <= {1, 2, 3, 4, 5}
+    assert seqs[0] == 1 and seqs[-1] == 5 and len(seqs) >= 3
     assert all(len(r["faces"]) == 3 and r["faces"][0]["vec"] is None for r in results)
     report = json.loads(err[err.index("{") :])
-    assert (report["sent"], report["results"], report["dropped"]) == (5, 5, 0)
+    assert report["sent"] == 5
+    assert report["results"] == len(seqs)
+    assert report["results"] + report["dropped"] == 5
     assert "latency p50/p99" in err
 
 

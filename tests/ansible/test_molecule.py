@@ -8,6 +8,7 @@ non-Jetson hosts and that the docker_network decision picks the right fix per ca
 
 from __future__ import annotations
 
+import fcntl
 import os
 import re
 import shutil
@@ -21,6 +22,9 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SANDBOX = REPO / "molecule" / "sandbox" / "sandbox.sh"
 ANSI = re.compile(r"\x1b\[[0-9;]*m")
+# Sandbox names, addresses and molecule's ephemeral directory are per machine: two test
+# sessions on one machine (a developer's and an editor's full run) take turns through this lock.
+LOCK = Path(os.environ.get("APPLIANCE_SANDBOX_STATE", "/run/appliance-sandbox") + ".lock")
 
 
 def _skip_reason() -> str | None:
@@ -47,7 +51,8 @@ pytestmark = [
 ]
 
 
-def _molecule(scenario: str, tmp_path: Path) -> tuple[int, str]:
+def _molecule(scenario: str, tmp_path: Path, platforms: list[tuple[str, int]]) -> tuple[int, str]:
+    """Run `molecule test -s scenario`, then assert its hosts left nothing behind."""
     env = dict(os.environ)
     env["PATH"] = (
         f"{VENV_BIN}{os.pathsep}/usr/sbin{os.pathsep}/sbin{os.pathsep}{env.get('PATH', '')}"
@@ -62,7 +67,16 @@ def _molecule(scenario: str, tmp_path: Path) -> tuple[int, str]:
             "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
         }
     )
-    proc = subprocess.run(
+    with LOCK.open("w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        proc = _run_molecule(scenario, env)
+        _assert_nothing_left(platforms)
+    (tmp_path / f"molecule-{scenario}.log").write_text(proc.stdout)
+    return proc.returncode, proc.stdout
+
+
+def _run_molecule(scenario: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
         [str(VENV_BIN / "molecule"), "test", "-s", scenario],
         cwd=REPO,
         env=env,
@@ -72,8 +86,6 @@ def _molecule(scenario: str, tmp_path: Path) -> tuple[int, str]:
         timeout=900,
         check=False,
     )
-    (tmp_path / f"molecule-{scenario}.log").write_text(proc.stdout)
-    return proc.returncode, proc.stdout
 
 
 def _flat(output: str) -> str:
@@ -89,22 +101,23 @@ def _assert_nothing_left(platforms: list[tuple[str, int]]) -> None:
 
 @pytest.mark.timeout(900)
 def test_default_scenario_converges_idempotently_and_verifies(tmp_path: Path) -> None:
-    rc, output = _molecule("default", tmp_path)
+    rc, output = _molecule("default", tmp_path, [("jetson-a", 21), ("jetson-b", 22)])
     flat = _flat(output)
     assert rc == 0, output[-6000:]
     for step in ("create", "prepare", "converge", "idempotence", "verify", "destroy"):
-        assert f"default ➜ {step}: Executed: Successful" in flat, step
-    # The second converge (idempotence) changed nothing on either host.
-    recaps = re.findall(r"(jetson-[ab]) : ok=\d+ changed=(\d+)", flat)
-    assert recaps, "no play recap for the sandbox hosts"
-    assert "Idempotence completed successfully" in flat
+        assert re.search(rf"default (?:>|➜) {step}: Executed: Successful", flat), step
+    # The second converge (idempotence) ran on both hosts and changed nothing.
+    plain = ANSI.sub("", output)
+    second = plain[plain.index("[default > idempotence] Executing") :]
+    second = second[: second.index("[default > idempotence] Executed")]
+    recaps = dict(re.findall(r"^(jetson-[ab])\s+: ok=\d+\s+changed=(\d+)", second, re.MULTILINE))
+    assert recaps == {"jetson-a": "0", "jetson-b": "0"}, second[-3000:]
     assert "docker_network case 'no_docker'" in flat
-    _assert_nothing_left([("jetson-a", 21), ("jetson-b", 22)])
 
 
 @pytest.mark.timeout(600)
 def test_negative_scenario_refuses_wrong_hosts_and_decides_fixes(tmp_path: Path) -> None:
-    rc, output = _molecule("negative", tmp_path)
+    rc, output = _molecule("negative", tmp_path, [("jetpack5", 31), ("not-a-jetson", 32)])
     flat = _flat(output)
     assert rc == 0, output[-6000:]
     assert (
@@ -124,4 +137,3 @@ def test_negative_scenario_refuses_wrong_hosts_and_decides_fixes(tmp_path: Path)
         "nft_broken iptables_legacy,kernel_modules,port_filter",
     ):
         assert case in flat, case
-    _assert_nothing_left([("jetpack5", 31), ("not-a-jetson", 32)])
