@@ -45,6 +45,9 @@ class OnnxRuntimeBackend:
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
+        # Idle intra-op threads otherwise spin for a while after each run, taking the cores
+        # that image decoding and post-processing need between batches.
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         available = set(ort.get_available_providers())
         self.providers = [p for p in PROVIDER_PREFERENCE if p in available] or [
             "CPUExecutionProvider"

@@ -69,21 +69,33 @@ def _molecule(scenario: str, tmp_path: Path, platforms: list[tuple[str, int]]) -
     )
     with LOCK.open("w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
-        proc = _run_molecule(scenario, env)
+        proc = None
+        try:
+            proc = _run_molecule(scenario, env, "test")
+        finally:
+            if proc is None or proc.returncode != 0:
+                # molecule destroys after a failed step itself; this covers a run that was
+                # killed (timeout) or crashed before its destroy step.
+                _run_molecule(scenario, env, "destroy")
+                for name, _ in platforms:
+                    subprocess.run([str(SANDBOX), "destroy", name], check=False, timeout=120)
         _assert_nothing_left(platforms)
+    assert proc is not None
     (tmp_path / f"molecule-{scenario}.log").write_text(proc.stdout)
     return proc.returncode, proc.stdout
 
 
-def _run_molecule(scenario: str, env: dict[str, str]) -> subprocess.CompletedProcess[str]:
+def _run_molecule(
+    scenario: str, env: dict[str, str], command: str
+) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
-        [str(VENV_BIN / "molecule"), "test", "-s", scenario],
+        [str(VENV_BIN / "molecule"), command, "-s", scenario],
         cwd=REPO,
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
         text=True,
-        timeout=900,
+        timeout=840,
         check=False,
     )
 
