@@ -184,6 +184,7 @@ async def test_live_view_streams_the_webcam_and_draws_the_planted_faces(
     live = json.loads(
         await browser.wait_for(
             "window.liveView && window.liveView.results >= 3 && window.liveView.serverStats"
+            " && window.liveView.serverStats.processed >= 3"
             " && JSON.stringify(window.liveView)"
         )
     )

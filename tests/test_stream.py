@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import time
 from pathlib import Path
 from typing import Any
@@ -158,6 +159,10 @@ async def test_non_reading_client_does_not_slow_a_second_stream(serve: Any) -> N
         # Big results (embeddings and face crops) fill the lazy client's socket quickly.
         await lazy.send_json({"type": "config", "max_fps": 1000, "return_face_data": True})
         lazy_stream = next(s for s in app[STREAMS].streams.values())
+        # A slow network, simulated on the server's side too: without this the kernel
+        # autotunes the send buffer to megabytes and the stall takes long to show.
+        server_socket = lazy_stream.ws._req.transport.get_extra_info("socket")
+        server_socket.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, 4096)
 
         async def flood() -> None:
             while True:
