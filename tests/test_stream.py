@@ -182,7 +182,9 @@ async def test_non_reading_client_does_not_slow_a_second_stream(serve: Any) -> N
                 result, _ = await receive_until(ws, is_type("result"), timeout=5)
                 assert result["seq"] == seq
                 round_trips.append(time.perf_counter() - t0)
-            assert float(np.median(round_trips)) < 0.25
+            # A stream stalled behind the lazy client's socket would time out (5 s); sharing
+            # two CPU cores with the lazy client's flood costs a few hundred ms at most.
+            assert float(np.median(round_trips)) < 1.0
             assert max(round_trips) < 2.0
             assert lazy_stream.counters.processed > 20
             assert len(lazy_stream.outbox) <= 2
