@@ -54,30 +54,41 @@ def model_names(settings: Settings) -> tuple[str, str]:
     return settings.det_model, settings.rec_model
 
 
-def locate_model(settings: Settings, registry: ModelRegistry, name: str) -> tuple[ModelInfo, Path]:
-    """The model's verified file; raises StartupError with the fix when it is missing or bad."""
+def locate_model(
+    settings: Settings, registry: ModelRegistry, name: str
+) -> tuple[ModelInfo, Path, str]:
+    """The model's verified file and its sha256; raises StartupError with the fix when it is
+    missing or bad. The verification already hashes the file: its sha256 is reused for /info."""
     info = registry.get(name)
     if settings.demo_models:
-        return info, settings.models_dir / info.file
+        path = settings.models_dir / info.file
+        return info, path, onnx_graph.sha256_file(path)
     from appliance.models.store import ModelStore, ModelStoreError
 
     store = ModelStore(settings.models_dir, registry, trust_unverified=settings.trust_unverified)
     try:
-        return info, store.require(name)
+        result = store.require_verified(name)
     except ModelStoreError as exc:
         raise StartupError(str(exc)) from None
+    assert result.sha256 is not None  # computed for every present file
+    return info, result.path, result.sha256
 
 
 def load_model(
-    kind: ResolvedBackend, settings: Settings, info: ModelInfo, path: Path, max_batch: int
+    kind: ResolvedBackend,
+    settings: Settings,
+    info: ModelInfo,
+    path: Path,
+    sha256: str,
+    max_batch: int,
 ) -> LoadedModel:
-    graph = onnx_graph.load(path)
     normalizes = info.normalized_in_graph
     if normalizes is None:
-        normalizes = onnx_graph.normalizes_input(graph)
-    del graph
+        # Only read the graph when the registry does not already know the answer: a large
+        # recognizer takes seconds to parse on the Orin's CPU.
+        normalizes = onnx_graph.normalizes_input(onnx_graph.load(path))
     backend = open_backend(kind, settings, info, path, max_batch)
-    return LoadedModel(info, path, backend, normalizes, onnx_graph.sha256_file(path))
+    return LoadedModel(info, path, backend, normalizes, sha256)
 
 
 def detector_input_size(settings: Settings, backend: InferenceBackend) -> tuple[int, int]:
@@ -122,8 +133,8 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
 
             build_demo_models(settings.models_dir, settings.max_size)
         registry = ModelRegistry.load(settings.override_file)
-        det_info, det_path = locate_model(settings, registry, det_name)
-        rec_info, rec_path = locate_model(settings, registry, rec_name)
+        det_info, det_path, det_sha = locate_model(settings, registry, det_name)
+        rec_info, rec_path, rec_sha = locate_model(settings, registry, rec_name)
         if det_info.family != "scrfd" or rec_info.family != "arcface":
             raise StartupError(
                 f"DET_MODEL must be an scrfd model and REC_MODEL an arcface model; got "
@@ -131,9 +142,9 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
             )
         kind, reason = choose_backend(settings)
         log.info("backend_chosen", backend=kind, reason=reason)
-        det = load_model(kind, settings, det_info, det_path, settings.det_batch_size)
+        det = load_model(kind, settings, det_info, det_path, det_sha, settings.det_batch_size)
         try:
-            rec = load_model(kind, settings, rec_info, rec_path, settings.rec_batch_size)
+            rec = load_model(kind, settings, rec_info, rec_path, rec_sha, settings.rec_batch_size)
         except BaseException:
             det.backend.close()
             raise

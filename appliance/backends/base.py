@@ -28,6 +28,12 @@ class TensorSpec:
     dtype: str = "float32"
 
 
+def check_batch_size(name: str, n: int, max_batch: int) -> None:
+    """Refuse a batch the backend was not built for (engines have a fixed profile max)."""
+    if not 1 <= n <= max_batch:
+        raise BackendError(f"{name}: batch of {n} outside 1..{max_batch}")
+
+
 @runtime_checkable
 class InferenceBackend(Protocol):
     """A loaded model that turns a batch (N, C, H, W) into named outputs.

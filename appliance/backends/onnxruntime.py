@@ -7,7 +7,7 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.backends.base import BackendError, FloatArray, TensorSpec
+from appliance.backends.base import BackendError, FloatArray, TensorSpec, check_batch_size
 from appliance.models import onnx_graph
 from appliance.models.registry import ModelInfo
 
@@ -82,8 +82,7 @@ class OnnxRuntimeBackend:
 
     def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
         n = batch.shape[0]
-        if not 1 <= n <= self._max_batch:
-            raise BackendError(f"batch of {n} outside 1..{self._max_batch}")
+        check_batch_size(self.name, n, self._max_batch)
         results = self._session.run(
             None, {self._input_name: np.ascontiguousarray(batch, np.float32)}
         )

@@ -32,7 +32,7 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import structlog
 
-from appliance.backends.base import BackendError, FloatArray, TensorSpec
+from appliance.backends.base import BackendError, FloatArray, TensorSpec, check_batch_size
 from appliance.backends.cuda_buffers import CudaDevice, CudaError, IOBuffers, has_fast_fp16
 from appliance.backends.engine_cache import (
     CacheResult,
@@ -438,8 +438,7 @@ class TensorRTBackend:
 
     def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
         n = batch.shape[0]
-        if not 1 <= n <= self._max_batch:
-            raise BackendError(f"batch of {n} outside 1..{self._max_batch}")
+        check_batch_size(self.name, n, self._max_batch)
         if tuple(batch.shape[1:]) != self._image_shape:
             raise BackendError(
                 f"{self.name}: expected images of shape {self._image_shape}, got {batch.shape[1:]}"

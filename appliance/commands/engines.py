@@ -80,16 +80,8 @@ def settings_from_args(args: argparse.Namespace) -> Settings:
 
 
 def _model_file(settings: Settings, registry: ModelRegistry, info: ModelInfo) -> Path:
-    try:
-        from appliance.models.store import ModelStore, ModelStoreError
-    except ImportError:  # the store verifies checksums where it is installed
-        plain = settings.models_dir / info.file
-        if not plain.is_file():
-            raise TargetError(
-                f"model file {plain} for {info.name} does not exist; "
-                f"fetch it first (`appliance models fetch {info.name}`)"
-            ) from None
-        return plain
+    from appliance.models.store import ModelStore, ModelStoreError
+
     store = ModelStore(settings.models_dir, registry, trust_unverified=settings.trust_unverified)
     try:
         path: Path = store.require(info.name)

@@ -223,6 +223,10 @@ class ModelStore:
 
     def require(self, name: str) -> Path:
         """The model's file if it may be used now; never downloads."""
+        return self.require_verified(name).path
+
+    def require_verified(self, name: str) -> VerifyResult:
+        """`require`, returning the verification (with the file's sha256) instead of the path."""
         info = self.info(name)
         result = self.verify(name)
         if result.status is ModelStatus.MISSING:
@@ -230,7 +234,7 @@ class ModelStore:
         if result.status is ModelStatus.CHECKSUM_MISMATCH:
             raise self._mismatch(result, "the file in place")
         self._check_trust(info)
-        return result.path
+        return result
 
     def ensure(self, name: str, *, progress: Progress | None = None) -> Path:
         """Verify the file in place, or download it when there is none."""
