@@ -29,11 +29,11 @@ import aiohttp
 import cv2
 import numpy as np
 
-from appliance.backends.onnxruntime import OnnxRuntimeBackend
+from appliance.backends.ort import OnnxRuntimeBackend
+from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
 from appliance.models.registry import ModelRegistry
 from appliance.pipeline.embed import to_blob
 from appliance.pipeline.images import letterbox
-from appliance.testing.models import PlantedFace, build_arcface_model, build_scrfd_model
 
 
 def percentile(values: list[float], q: float) -> float:

@@ -32,7 +32,7 @@ import cv2
 import numpy as np
 
 from appliance.client import StreamClient
-from appliance.testing.models import PlantedFace, build_arcface_model, build_scrfd_model
+from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
 
 FACES = (PlantedFace.square(100, 120, 80), PlantedFace.square(300, 200, 150))
 
@@ -97,7 +97,7 @@ def serve_child() -> None:
 
     from appliance.api.app import create_app
     from appliance.config import load_settings
-    from appliance.logging import configure_logging
+    from appliance.logs import configure_logging
 
     settings = load_settings()
     configure_logging(settings.log_level, settings.log_format)

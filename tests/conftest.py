@@ -13,7 +13,7 @@ from aiohttp.test_utils import TestClient
 
 from appliance.api.app import create_app
 from appliance.config import Settings, load_settings
-from appliance.testing.models import PlantedFace, build_arcface_model, build_scrfd_model
+from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
 
 # Faces the test detector reports, in 640x640 detector-input pixels. Sizes land on each of
 # the three strides (8: < 64 px, 16: < 160 px, 32: larger).

@@ -33,8 +33,8 @@ from appliance.backends.tensorrt import (
 )
 from appliance.config import Settings, load_settings
 from appliance.models import onnx_graph
+from appliance.models.demo import build_arcface_model, build_scrfd_model
 from appliance.models.registry import DEMO_DETECTOR, DEMO_MODELS, DEMO_RECOGNIZER
-from appliance.testing.models import build_arcface_model, build_scrfd_model
 
 REPO = Path(__file__).resolve().parents[1]
 

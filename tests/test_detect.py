@@ -7,6 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
+from appliance.models.demo import PlantedFace, planted_outputs
 from appliance.pipeline.detect import (
     Detection,
     anchor_centers,
@@ -16,7 +17,6 @@ from appliance.pipeline.detect import (
     nms,
     split_outputs,
 )
-from appliance.testing.models import PlantedFace, planted_outputs
 
 INPUT = (640, 640)
 

@@ -18,7 +18,7 @@ import pytest
 
 from appliance import cli
 from appliance.backends.base import BackendError
-from appliance.backends.onnxruntime import OnnxRuntimeBackend
+from appliance.backends.ort import OnnxRuntimeBackend
 from appliance.backends.tensorrt import EnginePlan, ProgressFn
 from appliance.commands.check import check_models
 from appliance.commands.engines import (
@@ -31,7 +31,7 @@ from appliance.commands.engines import (
     configured_models,
 )
 from appliance.config import Settings, load_settings
-from appliance.testing.models import build_arcface_model
+from appliance.models.demo import build_arcface_model
 
 
 class StandInToolchain:

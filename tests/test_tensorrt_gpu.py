@@ -165,13 +165,13 @@ def trt_settings(tmp_path: Path) -> object:
 def test_fp16_engine_matches_onnx_runtime_and_is_reused(
     trt_settings: object, tmp_path: Path
 ) -> None:
-    from appliance.backends.onnxruntime import OnnxRuntimeBackend
+    from appliance.backends.ort import OnnxRuntimeBackend
     from appliance.backends.tensorrt import open_tensorrt_backend
     from appliance.commands.check import compare, sample_batch
     from appliance.commands.engines import ModelTarget
     from appliance.config import Settings
+    from appliance.models.demo import build_arcface_model
     from appliance.models.registry import DEMO_MODELS, DEMO_RECOGNIZER
-    from appliance.testing.models import build_arcface_model
 
     assert isinstance(trt_settings, Settings)
     info = DEMO_MODELS[DEMO_RECOGNIZER]
@@ -199,8 +199,8 @@ def test_fp16_engine_matches_onnx_runtime_and_is_reused(
 def test_detector_without_batch_axis_gets_one(trt_settings: object, tmp_path: Path) -> None:
     from appliance.backends.tensorrt import open_tensorrt_backend
     from appliance.config import Settings
+    from appliance.models.demo import PlantedFace, build_scrfd_model
     from appliance.models.registry import DEMO_DETECTOR, DEMO_MODELS
-    from appliance.testing.models import PlantedFace, build_scrfd_model
 
     assert isinstance(trt_settings, Settings)
     info = DEMO_MODELS[DEMO_DETECTOR]

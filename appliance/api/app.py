@@ -19,10 +19,11 @@ import structlog
 from aiohttp import web
 
 from appliance.api import middleware, openapi, rest, state, stream
+from appliance.api.errors import StartupError
 from appliance.api.metrics import Metrics
 from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
-from appliance.api.watchdog import watchdog_ctx
+from appliance.api.watchdog_wiring import watchdog_ctx
 from appliance.backends.base import BackendError, InferenceBackend
 from appliance.backends.factory import ResolvedBackend, choose_backend, open_backend
 from appliance.config import Settings
@@ -33,10 +34,6 @@ from appliance.pipeline.faces import FaceAnalyzer, ModelSlot
 from appliance.pipeline.images import ImageDecoder
 
 log = structlog.get_logger("appliance.app")
-
-
-class StartupError(RuntimeError):
-    """The appliance cannot start; the message says what to fix."""
 
 
 @dataclasses.dataclass
@@ -129,7 +126,7 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
 
     def load_all() -> tuple[str, str, LoadedModel, LoadedModel]:
         if settings.demo_models:
-            from appliance.testing.models import build_demo_models
+            from appliance.models.demo import build_demo_models
 
             build_demo_models(settings.models_dir, settings.max_size)
         registry = ModelRegistry.load(settings.override_file)

@@ -3,6 +3,10 @@
 from __future__ import annotations
 
 
+class StartupError(RuntimeError):
+    """The appliance cannot start; the message says what to fix."""
+
+
 class ApiError(Exception):
     status = 400
     code = "bad_request"

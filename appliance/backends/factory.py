@@ -47,7 +47,7 @@ def open_backend(
     max_batch: int,
 ) -> InferenceBackend:
     if kind == "onnx":
-        from appliance.backends.onnxruntime import OnnxRuntimeBackend
+        from appliance.backends.ort import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(model_path, info, max_batch=max_batch)
     from appliance.backends.tensorrt import open_tensorrt_backend

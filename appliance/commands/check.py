@@ -190,7 +190,7 @@ def check_models(
 
 def smoke_test(settings: Settings, targets: list[ModelTarget], seed: int, out: TextIO) -> None:
     """Run ONNX Runtime alone, so an operator still learns that the models work."""
-    from appliance.backends.onnxruntime import OnnxRuntimeBackend
+    from appliance.backends.ort import OnnxRuntimeBackend
 
     for target in targets:
         backend = OnnxRuntimeBackend(target.path, target.info, max_batch=target.max_batch)
@@ -208,7 +208,7 @@ def smoke_test(settings: Settings, targets: list[ModelTarget], seed: int, out: T
 
 def run(args: argparse.Namespace) -> int:
     from appliance.backends.factory import open_backend, tensorrt_usable
-    from appliance.backends.onnxruntime import OnnxRuntimeBackend
+    from appliance.backends.ort import OnnxRuntimeBackend
 
     try:
         settings = settings_from_args(args)
@@ -216,7 +216,7 @@ def run(args: argparse.Namespace) -> int:
     except (ConfigError, TargetError) as exc:
         print(f"appliance check: {exc}", file=sys.stderr)
         return EXIT_CONFIG
-    from appliance.logging import configure_logging
+    from appliance.logs import configure_logging
 
     # Engine builds that `check` triggers report their progress through the log.
     configure_logging(settings.log_level, settings.log_format)

@@ -95,7 +95,7 @@ def configured_models(settings: Settings, names: list[str] | None = None) -> lis
     from appliance.models.registry import DEMO_DETECTOR, DEMO_RECOGNIZER
 
     if settings.demo_models:
-        from appliance.testing.models import build_demo_models
+        from appliance.models.demo import build_demo_models
 
         try:
             build_demo_models(settings.models_dir, settings.max_size)

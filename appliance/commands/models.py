@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, TextIO
 
 from appliance.config import ConfigError, Settings, load_settings
-from appliance.logging import configure_logging
+from appliance.logs import configure_logging
 from appliance.models.registry import ModelRegistry, RegistryError
 from appliance.models.store import (
     ModelStatus,

@@ -101,8 +101,9 @@ def use_demo(settings: Settings) -> Settings:
 def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
-    from appliance.api.app import StartupError, create_app
-    from appliance.logging import configure_logging
+    from appliance.api.app import create_app
+    from appliance.api.errors import StartupError
+    from appliance.logs import configure_logging
     from appliance.models.store import ModelStoreError
 
     try:

@@ -179,7 +179,7 @@ BUILTIN_MODELS: dict[str, ModelInfo] = {
     )
 }
 
-# Names of the generated test models (appliance.testing.models); never downloaded.
+# Names of the generated test models (appliance.models.demo); never downloaded.
 DEMO_DETECTOR = "demo_scrfd"
 DEMO_RECOGNIZER = "demo_arcface"
 DEMO_MODELS: dict[str, ModelInfo] = {

@@ -9,6 +9,7 @@ from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 from appliance.api import state
+from appliance.api.errors import StartupError
 from appliance.api.policy import LoadPolicy
 from appliance.watchdog import TelemetryError, Transition, Watchdog
 
@@ -61,8 +62,6 @@ class WatchdogCollector(Collector):
 
 
 async def watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
-    from appliance.api.app import StartupError
-
     settings = app[state.SETTINGS]
     watchdog = Watchdog(settings)
     board = app[state.POLICY]
