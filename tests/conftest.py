@@ -14,6 +14,9 @@ from aiohttp.test_utils import TestClient
 from appliance.api.app import create_app
 from appliance.config import Settings, load_settings
 from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
+from tests.real_data import photos, real_models
+
+__all__ = ["photos", "real_models"]  # fixtures on the shared real models and photos
 
 # Faces the test detector reports, in 640x640 detector-input pixels. Sizes land on each of
 # the three strides (8: < 64 px, 16: < 160 px, 32: larger).

@@ -22,11 +22,15 @@ import pytest
 
 from appliance.backends.base import BackendError, InferenceBackend
 from appliance.backends.cuda_buffers import has_fast_fp16
-from appliance.backends.factory import open_backend, resolve_backend, tensorrt_usable
+from appliance.backends.batching import with_batch_axis
+from appliance.backends.factory import (
+    image_shape_for,
+    open_backend,
+    resolve_backend,
+    tensorrt_usable,
+)
 from appliance.backends.tensorrt import (
     EnginePlan,
-    batched,
-    image_shape_for,
     plan_engine,
     profile_shapes,
     tensorrt_available,
@@ -165,12 +169,12 @@ def test_fast_fp16_follows_the_compute_capability(capability: tuple[int, int], f
 
 def test_outputs_without_a_batch_axis_get_one() -> None:
     flat = np.arange(2 * 6 * 4, dtype=np.float32).reshape(12, 4)  # (N*A, K) for N=2
-    out = batched(flat, 2)
+    out = with_batch_axis(flat, 2)
     assert out.shape == (2, 6, 4)
     np.testing.assert_array_equal(out[1, 0], flat[6])
     emb = np.ones((3, 512), np.float32)
-    assert batched(emb, 3) is emb
-    assert batched(np.ones(8, np.float32), 2).shape == (2, 4)
+    assert with_batch_axis(emb, 3) is emb
+    assert with_batch_axis(np.ones(8, np.float32), 2).shape == (2, 4)
 
 
 def test_profile_covers_batch_one_to_max_with_opt_at_max(tmp_path: Path) -> None:
@@ -252,7 +256,37 @@ def test_plan_rewrites_a_fixed_batch_model_to_a_dynamic_batch(tmp_path: Path) ->
     plan = plan_engine(settings(det_batch_size=2), info, path, 2, StandInToolchain())
     rewritten = onnx.load_from_string(plan.onnx_bytes)
     assert onnx_graph.has_dynamic_batch(rewritten)
+    assert plan.batch.mode == "rewritten"
+    assert plan.key.profiles[0].min == (1, 3, 640, 640)
     assert plan.key.profiles[0].max == (2, 3, 640, 640)
+
+
+def test_plan_keeps_the_fixed_batch_of_a_graph_that_bakes_it_in(
+    real_models: Path,
+) -> None:
+    # MobileFaceNet reshapes to [1, -1]: a rewritten batch of 4 would come out as one row of
+    # 512 numbers. The engine must then be built for the batch the model accepts, 1 only.
+    info = DEMO_MODELS[DEMO_RECOGNIZER]
+    path = real_models / "mobilefacenet_128.onnx"
+    plan = plan_engine(settings(rec_batch_size=4), info, path, 4, StandInToolchain())
+    assert plan.batch.mode == "pieces"
+    assert (plan.batch.configured, plan.batch.effective) == (4, 1)
+    assert not onnx_graph.has_dynamic_batch(onnx.load_from_string(plan.onnx_bytes))
+    (profile,) = plan.key.profiles
+    assert profile.min == profile.opt == profile.max == (1, 3, 112, 112)
+
+
+def test_plan_of_the_real_scrfd_takes_max_size_for_its_open_height_and_width(
+    real_models: Path,
+) -> None:
+    info = DEMO_MODELS[DEMO_DETECTOR]
+    path = real_models / "scrfd_2.5g_bnkps.onnx"
+    plan = plan_engine(
+        settings(det_batch_size=2, max_size=(640, 480)), info, path, 2, StandInToolchain()
+    )
+    assert plan.batch.mode == "pieces"
+    (profile,) = plan.key.profiles
+    assert profile.min == profile.max == (1, 3, 480, 640)
 
 
 def test_plan_of_a_missing_model_names_the_file(tmp_path: Path) -> None:

@@ -21,7 +21,6 @@ from appliance.models.registry import (
 # The published list (shared/MODELS.md): name -> (family, Google Drive id, md5 or None).
 PUBLISHED = {
     "scrfd_500m_bnkps": ("scrfd", "1ccagW08CyKJoeFAmL2ao7pjwr3_m_Zm1", "03fd8fe67902798b7584b1e7ff3e0f6f"),
-    "scrfd_2.5g_bnkps": ("scrfd", "1yObTSsOYCJFn38uf6O6Hku-XEhK8-q0n", "02710671a1af640b610b501383153868"),
     "scrfd_10g_bnkps": ("scrfd", "1llbQa8HFle-45wscZulzGcNncPFgYruJ", "2740f9259d46355ca5fa0d9b54943524"),
     "scrfd_500m_gnkps": ("scrfd", "19CeBV03a3DEhZeas4olZn7GgiUESDu0L", "ef4bcb0606d6e5ebf325f8322e507a7b"),
     "scrfd_2.5g_gnkps": ("scrfd", "1_LeETpKhWL4sRPvLZEvka-bGNMN4tMOU", "50febd32caa699ef7a47cf7422c56bbd"),
@@ -31,6 +30,11 @@ PUBLISHED = {
     "w600k_mbf": ("arcface", "1GtBKfGucgJDRLHvGWR3jOQovHYXY-Lpe", "c5b029527cb6f874e057613fc10bae1b"),
     "arcface_r100_v1": ("arcface", "1sj170K3rbo5iOdjvjHw-hKWvXgH4dld3", None),
 }  # fmt: skip
+# The shared real models (shared/DATA.md): the operator supplies the files; sha256 pinned.
+OPERATOR_SUPPLIED = {
+    "scrfd_2.5g_bnkps": ("scrfd", "bc24bb349491481c3ca793cf89306723162c280cb284c5a5e49df3760bf5c2ce"),
+    "mobilefacenet_128": ("arcface", "93fac2c9747e612f4f491c7842563a515ee2b6c237d9fee05e96291b07ac6019"),
+}  # fmt: skip
 
 
 def write_override(tmp_path: Path, data: object) -> Path:
@@ -39,8 +43,26 @@ def write_override(tmp_path: Path, data: object) -> Path:
     return path
 
 
-def test_builtin_models_are_the_published_list() -> None:
-    assert set(BUILTIN_MODELS) == set(PUBLISHED)
+def test_builtin_models_are_the_published_list_and_the_shared_real_models() -> None:
+    assert set(BUILTIN_MODELS) == set(PUBLISHED) | set(OPERATOR_SUPPLIED)
+
+
+@pytest.mark.parametrize("name", sorted(OPERATOR_SUPPLIED))
+def test_shared_real_models_are_pinned_by_sha256_and_never_fetched(name: str) -> None:
+    info = BUILTIN_MODELS[name]
+    family, sha256 = OPERATOR_SUPPLIED[name]
+    assert (info.family, info.file, info.url) == (family, f"{name}.onnx", None)
+    assert info.checksum == f"sha256:{sha256}"
+
+
+def test_registry_facts_of_the_shared_real_models() -> None:
+    scrfd = BUILTIN_MODELS["scrfd_2.5g_bnkps"]
+    # Opaque graph-number output names: the meaning order is recorded, not read from names.
+    assert scrfd.output_order == tuple(range(9))
+    assert scrfd.default_preprocess == Preprocess(mean=127.5, std=128.0, rgb=True)
+    mbf = BUILTIN_MODELS["mobilefacenet_128"]
+    assert mbf.default_preprocess == Preprocess(mean=127.5, std=127.5, rgb=True)
+    assert mbf.normalizes_input is False
 
 
 @pytest.mark.parametrize("name", sorted(PUBLISHED))
@@ -74,9 +96,9 @@ def test_input_shapes_and_preprocessing() -> None:
     glint = BUILTIN_MODELS["glintr100"]
     assert glint.input_shape == (3, 112, 112)
     assert glint.default_preprocess == Preprocess(mean=127.5, std=127.5)
-    assert glint.normalized_in_graph is False
+    assert glint.normalizes_input is False
     mxnet = BUILTIN_MODELS["arcface_r100_v1"]
-    assert mxnet.normalized_in_graph is True
+    assert mxnet.normalizes_input is True
     assert mxnet.default_preprocess == Preprocess(mean=0.0, std=1.0)
 
 
@@ -94,7 +116,7 @@ def test_default_models_exist() -> None:
 def test_demo_models_optional() -> None:
     registry = ModelRegistry.load(include_demo=False)
     assert DEMO_DETECTOR not in registry
-    assert registry.names() == sorted(PUBLISHED)
+    assert registry.names() == sorted(set(PUBLISHED) | set(OPERATOR_SUPPLIED))
 
 
 def test_unknown_name_lists_known() -> None:
@@ -109,9 +131,9 @@ def test_unknown_name_lists_known() -> None:
 def test_iteration_groups_by_family() -> None:
     models = list(ModelRegistry.load(include_demo=False))
     families = [m.family for m in models]
-    assert families == ["arcface"] * 4 + ["scrfd"] * 6
-    assert [m.name for m in models[:4]] == sorted(
-        ["glintr100", "w600k_r50", "w600k_mbf", "arcface_r100_v1"]
+    assert families == ["arcface"] * 5 + ["scrfd"] * 6
+    assert [m.name for m in models[:5]] == sorted(
+        ["glintr100", "w600k_r50", "w600k_mbf", "arcface_r100_v1", "mobilefacenet_128"]
     )
 
 

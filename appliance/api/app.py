@@ -8,12 +8,9 @@ never a user's first request.
 from __future__ import annotations
 
 import asyncio
-import dataclasses
 import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
-from typing import Any
 
 import structlog
 from aiohttp import web
@@ -24,92 +21,13 @@ from appliance.api.metrics import Metrics
 from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
 from appliance.api.watchdog_wiring import watchdog_ctx
-from appliance.backends.base import BackendError, InferenceBackend
-from appliance.backends.factory import ResolvedBackend, choose_backend, open_backend
 from appliance.config import Settings
-from appliance.models import onnx_graph
-from appliance.models.registry import DEMO_DETECTOR, DEMO_RECOGNIZER, ModelInfo, ModelRegistry
+from appliance.models.loader import ModelLoadError, load_models
 from appliance.pipeline.batcher import DynamicBatcher
-from appliance.pipeline.faces import FaceAnalyzer, ModelSlot
+from appliance.pipeline.faces import FaceAnalyzer
 from appliance.pipeline.images import ImageDecoder
 
 log = structlog.get_logger("appliance.app")
-
-
-@dataclasses.dataclass
-class LoadedModel:
-    info: ModelInfo
-    path: Path
-    backend: InferenceBackend
-    normalizes_input: bool
-    sha256: str
-
-
-def model_names(settings: Settings) -> tuple[str, str]:
-    if settings.demo_models:
-        return DEMO_DETECTOR, DEMO_RECOGNIZER
-    return settings.det_model, settings.rec_model
-
-
-def locate_model(
-    settings: Settings, registry: ModelRegistry, name: str
-) -> tuple[ModelInfo, Path, str]:
-    """The model's verified file and its sha256; raises StartupError with the fix when it is
-    missing or bad. The verification already hashes the file: its sha256 is reused for /info."""
-    info = registry.get(name)
-    if settings.demo_models:
-        path = settings.models_dir / info.file
-        return info, path, onnx_graph.sha256_file(path)
-    from appliance.models.store import ModelStore, ModelStoreError
-
-    store = ModelStore(settings.models_dir, registry, trust_unverified=settings.trust_unverified)
-    try:
-        result = store.require_verified(name)
-    except ModelStoreError as exc:
-        raise StartupError(str(exc)) from None
-    assert result.sha256 is not None  # computed for every present file
-    return info, result.path, result.sha256
-
-
-def load_model(
-    kind: ResolvedBackend,
-    settings: Settings,
-    info: ModelInfo,
-    path: Path,
-    sha256: str,
-    max_batch: int,
-) -> LoadedModel:
-    normalizes = info.normalized_in_graph
-    if normalizes is None:
-        # Only read the graph when the registry does not already know the answer: a large
-        # recognizer takes seconds to parse on the Orin's CPU.
-        normalizes = onnx_graph.normalizes_input(onnx_graph.load(path))
-    backend = open_backend(kind, settings, info, path, max_batch)
-    return LoadedModel(info, path, backend, normalizes, sha256)
-
-
-def detector_input_size(settings: Settings, backend: InferenceBackend) -> tuple[int, int]:
-    shape = backend.inputs[0].shape
-    height, width = shape[2], shape[3]
-    if height > 0 and width > 0 and (width, height) != settings.max_size:
-        raise StartupError(
-            f"MAX_SIZE is {settings.max_size[0]},{settings.max_size[1]} but the detector "
-            f"{backend.name} has a fixed {width}x{height} input; set MAX_SIZE={width},{height}"
-        )
-    return settings.max_size
-
-
-def _describe(model: LoadedModel, input_size: tuple[int, int], max_batch: int) -> dict[str, Any]:
-    return {
-        "name": model.info.name,
-        "family": model.info.family,
-        "file": str(model.path),
-        "sha256": model.sha256,
-        "checksum": model.info.checksum,
-        "input_size": list(input_size),
-        "max_batch": max_batch,
-        "normalizes_input": model.normalizes_input,
-    }
 
 
 async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
@@ -122,36 +40,11 @@ async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
 async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[state.SETTINGS]
     metrics = app[state.METRICS]
-    det_name, rec_name = model_names(settings)
-
-    def load_all() -> tuple[str, str, LoadedModel, LoadedModel]:
-        if settings.demo_models:
-            from appliance.models.demo import build_demo_models
-
-            build_demo_models(settings.models_dir, settings.max_size)
-        registry = ModelRegistry.load(settings.override_file)
-        det_info, det_path, det_sha = locate_model(settings, registry, det_name)
-        rec_info, rec_path, rec_sha = locate_model(settings, registry, rec_name)
-        if det_info.family != "scrfd" or rec_info.family != "arcface":
-            raise StartupError(
-                f"DET_MODEL must be an scrfd model and REC_MODEL an arcface model; got "
-                f"{det_name} ({det_info.family}) and {rec_name} ({rec_info.family})"
-            )
-        kind, reason = choose_backend(settings)
-        log.info("backend_chosen", backend=kind, reason=reason)
-        det = load_model(kind, settings, det_info, det_path, det_sha, settings.det_batch_size)
-        try:
-            rec = load_model(kind, settings, rec_info, rec_path, rec_sha, settings.rec_batch_size)
-        except BaseException:
-            det.backend.close()
-            raise
-        return kind, reason, det, rec
-
     try:
-        kind, reason, det, rec = await asyncio.to_thread(load_all)
-    except BackendError as exc:
+        loaded = await asyncio.to_thread(load_models, settings)
+    except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
-    det_size = detector_input_size(settings, det.backend)
+    det, rec = loaded.detector, loaded.recognizer
 
     def observer(model: str) -> Callable[[list[str], float], None]:
         return lambda tags, seconds: metrics.observe_batch(model, tags, seconds)
@@ -177,36 +70,33 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     det_batcher.start()
     rec_batcher.start()
     app[state.ANALYZER] = FaceAnalyzer(
-        ModelSlot(det.info, det_batcher, tuple(o.name for o in det.backend.outputs), det_size),
-        ModelSlot(
-            rec.info,
-            rec_batcher,
-            tuple(o.name for o in rec.backend.outputs),
-            (112, 112),
-            rec.normalizes_input,
-        ),
+        det.slot(det_batcher),
+        rec.slot(rec_batcher),
         app[state.EXECUTOR],
+        nms_threshold=settings.nms_threshold,
     )
     models = app[state.MODELS]
-    models.backend = kind
-    models.backend_reason = reason
-    models.detector = _describe(det, det_size, det.backend.max_batch)
-    models.recognizer = _describe(rec, (112, 112), rec.backend.max_batch)
+    models.backend = loaded.backend
+    models.backend_reason = loaded.backend_reason
+    models.detector = det.describe()
+    models.recognizer = rec.describe()
     models.loaded = True
     log.info(
         "models_loaded",
-        backend=kind,
+        backend=loaded.backend,
         detector=det.info.name,
         recognizer=rec.info.name,
         det_batch=det.backend.max_batch,
+        det_effective_batch=det.backend.batch_plan.effective,
         rec_batch=rec.backend.max_batch,
+        rec_effective_batch=rec.backend.batch_plan.effective,
+        embedding_size=rec.embedding_size(),
     )
     yield
     models.loaded = False
     await det_batcher.stop()
     await rec_batcher.stop()
-    det.backend.close()
-    rec.backend.close()
+    loaded.close()
 
 
 async def url_session_ctx(app: web.Application) -> AsyncIterator[None]:

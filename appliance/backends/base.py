@@ -3,10 +3,13 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
+
+if TYPE_CHECKING:
+    from appliance.backends.batching import BatchPlan
 
 FloatArray = npt.NDArray[np.float32]
 
@@ -54,6 +57,9 @@ class InferenceBackend(Protocol):
 
     @property
     def max_batch(self) -> int: ...
+
+    # How the configured batch meets the model's own batch dimension (`batching.BatchPlan`).
+    batch_plan: BatchPlan
 
     def infer(self, batch: FloatArray) -> dict[str, FloatArray]: ...
 

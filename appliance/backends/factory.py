@@ -39,6 +39,14 @@ def resolve_backend(settings: Settings) -> ResolvedBackend:
     return choose_backend(settings)[0]
 
 
+def image_shape_for(settings: Settings, info: ModelInfo) -> tuple[int, int, int]:
+    """(C, H, W) one image has at this model's input: MAX_SIZE for detectors."""
+    if info.family == "scrfd":
+        width, height = settings.max_size
+        return info.input_shape[0], height, width
+    return info.input_shape
+
+
 def open_backend(
     kind: ResolvedBackend,
     settings: Settings,
@@ -49,7 +57,9 @@ def open_backend(
     if kind == "onnx":
         from appliance.backends.ort import OnnxRuntimeBackend
 
-        return OnnxRuntimeBackend(model_path, info, max_batch=max_batch)
+        return OnnxRuntimeBackend(
+            model_path, info, max_batch=max_batch, image_shape=image_shape_for(settings, info)
+        )
     from appliance.backends.tensorrt import open_tensorrt_backend
 
     return open_tensorrt_backend(settings, info, model_path, max_batch=max_batch)

@@ -8,6 +8,7 @@ from pathlib import Path
 import numpy as np
 
 from appliance.backends.base import BackendError, FloatArray, TensorSpec, check_batch_size
+from appliance.backends.batching import BatchPlan, dims, plan_batch, run_in_pieces, with_batch_axis
 from appliance.models import onnx_graph
 from appliance.models.registry import ModelInfo
 
@@ -15,12 +16,8 @@ from appliance.models.registry import ModelInfo
 PROVIDER_PREFERENCE = ("CUDAExecutionProvider", "CPUExecutionProvider")
 
 
-def _dims(shape: list[int | str | None]) -> tuple[int, ...]:
-    return tuple(d if isinstance(d, int) and d > 0 else -1 for d in shape)
-
-
 class OnnxRuntimeBackend:
-    """Runs one ONNX model. Models with a fixed batch of 1 are rewritten to a dynamic batch."""
+    """Runs one ONNX model; a fixed-batch model is made dynamic or run in pieces (`batching`)."""
 
     def __init__(
         self,
@@ -28,6 +25,7 @@ class OnnxRuntimeBackend:
         info: ModelInfo,
         max_batch: int,
         intra_op_threads: int | None = None,
+        image_shape: tuple[int, int, int] | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -40,8 +38,7 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             raise BackendError(f"{model_path} is not a readable ONNX model: {exc}") from None
         self._max_batch = max_batch
-        if not onnx_graph.has_dynamic_batch(model):
-            model = onnx_graph.make_batch_dynamic(model)
+        model, self.batch_plan = plan_batch(model, max_batch, image_shape or info.input_shape)
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
@@ -59,10 +56,11 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             raise BackendError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
         self._inputs = [
-            TensorSpec(i.name, _dims(i.shape), "float32") for i in self._session.get_inputs()
+            TensorSpec(i.name, (-1, *dims(i.shape)[1:]), "float32")
+            for i in self._session.get_inputs()
         ]
         self._outputs = [
-            TensorSpec(o.name, _dims(o.shape), "float32") for o in self._session.get_outputs()
+            TensorSpec(o.name, dims(o.shape), "float32") for o in self._session.get_outputs()
         ]
         if len(self._inputs) != 1:
             raise BackendError(f"{model_path}: expected one input, found {len(self._inputs)}")
@@ -80,21 +78,22 @@ class OnnxRuntimeBackend:
     def max_batch(self) -> int:
         return self._max_batch
 
-    def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
+    def _run(self, batch: FloatArray) -> dict[str, FloatArray]:
         n = batch.shape[0]
-        check_batch_size(self.name, n, self._max_batch)
         results = self._session.run(
             None, {self._input_name: np.ascontiguousarray(batch, np.float32)}
         )
-        out: dict[str, FloatArray] = {}
-        for spec, value in zip(self._outputs, results, strict=True):
-            arr = np.asarray(value, dtype=np.float32)
-            # Exports without a batch dimension on their outputs return (N * A, K): give each
-            # image its own leading axis so callers always index [i].
-            if arr.ndim < 2 or arr.shape[0] != n:
-                arr = arr.reshape(n, -1, arr.shape[-1]) if arr.ndim >= 2 else arr.reshape(n, -1)
-            out[spec.name] = arr
-        return out
+        return {
+            spec.name: with_batch_axis(np.asarray(value, dtype=np.float32), n)
+            for spec, value in zip(self._outputs, results, strict=True)
+        }
+
+    def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
+        check_batch_size(self.name, batch.shape[0], self._max_batch)
+        return run_in_pieces(self._run, batch, self.batch_plan)
 
     def close(self) -> None:
         del self._session
+
+
+__all__ = ["BatchPlan", "OnnxRuntimeBackend"]

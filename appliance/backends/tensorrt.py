@@ -1,8 +1,10 @@
 """TensorRT 10 backend: build an engine from the ONNX model on the device, cache it, run it.
 
-Build (`TensorRTToolchain.build`): the ONNX file is rewritten to a dynamic batch where it has a
-fixed batch of 1 (`onnx_graph.make_batch_dynamic`), parsed, and built with one optimisation
-profile for the batch (min 1, opt = max = DET_BATCH_SIZE or REC_BATCH_SIZE), FP16 when
+Build (`TensorRTToolchain.build`): a fixed-batch ONNX file is rewritten to a dynamic batch
+where the graph allows it (`batching.plan_batch` proves the rewrite), parsed, and built with
+one optimisation profile for the batch: min 1, opt = max = DET_BATCH_SIZE or REC_BATCH_SIZE;
+or, for a graph that keeps its fixed batch N, min = opt = max = N and runs in pieces of N, so
+the profile is always one the model accepts. FP16 when
 FORCE_FP16 is set and the GPU has fast FP16, a workspace limit (TRT_WORKSPACE_MB) and a timing
 cache persisted next to the engines so later builds on the same device are faster. Engines are
 cached by key in ENGINES_DIR (`engine_cache`).
@@ -33,6 +35,7 @@ import numpy as np
 import structlog
 
 from appliance.backends.base import BackendError, FloatArray, TensorSpec, check_batch_size
+from appliance.backends.batching import BatchPlan, dims, plan_batch, run_in_pieces, with_batch_axis
 from appliance.backends.cuda_buffers import CudaDevice, CudaError, IOBuffers, has_fast_fp16
 from appliance.backends.engine_cache import (
     CacheResult,
@@ -42,6 +45,7 @@ from appliance.backends.engine_cache import (
     Precision,
     ProfileShape,
 )
+from appliance.backends.factory import image_shape_for
 from appliance.config import Settings
 from appliance.models import onnx_graph
 from appliance.models.registry import ModelInfo
@@ -94,23 +98,19 @@ def tensorrt_available() -> tuple[bool, str]:
     return True, f"TensorRT {version}, {count} CUDA device(s)"
 
 
-def image_shape_for(settings: Settings, info: ModelInfo) -> tuple[int, int, int]:
-    """(C, H, W) one image has at this model's input: MAX_SIZE for detectors."""
-    if info.family == "scrfd":
-        width, height = settings.max_size
-        return info.input_shape[0], height, width
-    return info.input_shape
-
-
 def profile_shapes(
-    model: onnx.ModelProto, max_batch: int, image_shape: tuple[int, int, int]
+    model: onnx.ModelProto,
+    max_batch: int,
+    image_shape: tuple[int, int, int],
+    min_batch: int = 1,
 ) -> tuple[ProfileShape, ...]:
-    """One optimisation profile: batch 1..max_batch, opt = max (the batcher fills batches
-    under load, which is when speed matters). Non-batch dimensions the model fixes are kept;
-    dynamic ones come from `image_shape`.
+    """One optimisation profile: batch min_batch..max_batch, opt = max (the batcher fills
+    batches under load, which is when speed matters). Non-batch dimensions the model fixes are
+    kept; dynamic ones come from `image_shape`. A graph that keeps a fixed batch N gets
+    min = opt = max = N: the only batch it accepts.
     """
-    if max_batch < 1:
-        raise BackendError(f"max batch must be >= 1, got {max_batch}")
+    if not 1 <= min_batch <= max_batch:
+        raise BackendError(f"batch range must satisfy 1 <= min <= max, got {min_batch}..{max_batch}")
     initializers = {i.name for i in model.graph.initializer}
     profiles = []
     for value in model.graph.input:
@@ -128,7 +128,7 @@ def profile_shapes(
         profiles.append(
             ProfileShape(
                 value.name,
-                min=(1, *shape),
+                min=(min_batch, *shape),
                 opt=(max_batch, *shape),
                 max=(max_batch, *shape),
             )
@@ -147,6 +147,7 @@ class EnginePlan:
     onnx_bytes: bytes
     key: EngineKey
     workspace_bytes: int
+    batch: BatchPlan
 
     @property
     def fp16(self) -> bool:
@@ -181,16 +182,16 @@ def plan_engine(
     max_batch: int,
     toolchain: EngineToolchain,
 ) -> EnginePlan:
-    """Read the ONNX model, make its batch dynamic, and compute the engine's key."""
+    """Read the ONNX model, settle its batch (`batching.plan_batch`), compute the engine's key."""
     if not model_path.is_file():
         raise BackendError(f"model file {model_path} does not exist")
     try:
         model = onnx_graph.load(model_path)
     except Exception as exc:
         raise BackendError(f"{model_path} is not a readable ONNX model: {exc}") from None
-    if not onnx_graph.has_dynamic_batch(model):
-        model = onnx_graph.make_batch_dynamic(model)
-    profiles = profile_shapes(model, max_batch, image_shape_for(settings, info))
+    image_shape = image_shape_for(settings, info)
+    model, batch = plan_batch(model, max_batch, image_shape)
+    profiles = profile_shapes(model, batch.effective, image_shape, batch.min_batch)
     precision: Precision = "fp16" if settings.force_fp16 and toolchain.fast_fp16 else "fp32"
     key = EngineKey(
         onnx_sha256=onnx_graph.sha256_file(model_path),
@@ -206,6 +207,7 @@ def plan_engine(
         onnx_bytes=model.SerializeToString(),
         key=key,
         workspace_bytes=settings.trt_workspace_mb << 20,
+        batch=batch,
     )
 
 
@@ -343,22 +345,9 @@ class TensorRTToolchain:
         self.device.release()
 
 
-def _dims(dims: trt.Dims) -> tuple[int, ...]:
-    # Dims behaves like a tuple at run time; the stubs only declare __len__ and __getitem__.
-    return tuple(int(dims[i]) for i in range(len(dims)))
-
-
-def batched(arr: FloatArray, n: int) -> FloatArray:
-    """Give an output without a batch axis one, as the protocol promises: (N*A, K) -> (N, A, K)."""
-    if arr.ndim >= 2 and arr.shape[0] == n:
-        return arr
-    if arr.ndim >= 2:
-        return arr.reshape(n, -1, arr.shape[-1])
-    return arr.reshape(n, -1)
-
-
 class TensorRTBackend:
-    """Runs one deserialised engine with buffers for `max_batch` images."""
+    """Runs one deserialised engine with buffers for the plan's effective batch; `infer`
+    takes up to `batch_plan.configured` images, in pieces where the engine's batch is fixed."""
 
     def __init__(
         self,
@@ -367,6 +356,7 @@ class TensorRTBackend:
         max_batch: int,
         device: CudaDevice,
         on_close: Callable[[], None] | None = None,
+        batch_plan: BatchPlan | None = None,
     ) -> None:
         import tensorrt as trt
 
@@ -383,24 +373,31 @@ class TensorRTBackend:
         if len(inputs) != 1:
             raise BackendError(f"{info.name}: expected one input, the engine has {len(inputs)}")
         self._input_name = inputs[0]
-        _min, _opt, top = engine.get_tensor_profile_shape(self._input_name, 0)
-        if max_batch > top[0]:
+        low, _opt, top = engine.get_tensor_profile_shape(self._input_name, 0)
+        plan = batch_plan or BatchPlan(max_batch, None, max_batch, "dynamic")
+        run_batch = plan.effective
+        if run_batch > top[0] or plan.min_batch < low[0]:
             raise BackendError(
-                f"{info.name}: the engine allows batches up to {top[0]}, {max_batch} requested"
+                f"{info.name}: the engine takes batches {low[0]}..{top[0]}, "
+                f"the plan needs {plan.min_batch}..{run_batch}"
             )
+        self.batch_plan = plan
         self._max_batch = max_batch
-        self._image_shape = _dims(top)[1:]
+        self._image_shape = dims(top)[1:]
         with device.activate():
             self._context = engine.create_execution_context()
-            per_image = self._output_shapes(1)
-            at_max = self._output_shapes(max_batch)
+            smallest = self._output_shapes(plan.min_batch)
+            at_max = self._output_shapes(run_batch)
+        per_image = {
+            n: (1, *s[1:]) if s[0] == plan.min_batch else s for n, s in smallest.items()
+        }
         self._inputs = [TensorSpec(self._input_name, (-1, *self._image_shape), "float32")]
         self._outputs = [
             TensorSpec(n, (-1, *per_image[n][1:]) if per_image[n][0] == 1 else (-1, *per_image[n]))
             for n in self._output_names
         ]
         tensors: dict[str, tuple[tuple[int, ...], Any]] = {
-            self._input_name: ((max_batch, *self._image_shape), self._dtype(self._input_name))
+            self._input_name: ((run_batch, *self._image_shape), self._dtype(self._input_name))
         }
         for n in self._output_names:
             tensors[n] = (at_max[n], self._dtype(n))
@@ -422,7 +419,7 @@ class TensorRTBackend:
         shape = (batch, *self._image_shape)
         if not self._context.set_input_shape(self._input_name, shape):
             raise BackendError(f"{self.name}: input shape {shape} is outside the engine's profile")
-        return {n: _dims(self._context.get_tensor_shape(n)) for n in self._output_names}
+        return {n: dims(self._context.get_tensor_shape(n)) for n in self._output_names}
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -437,8 +434,11 @@ class TensorRTBackend:
         return self._max_batch
 
     def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
+        check_batch_size(self.name, batch.shape[0], self._max_batch)
+        return run_in_pieces(self._run, batch, self.batch_plan)
+
+    def _run(self, batch: FloatArray) -> dict[str, FloatArray]:
         n = batch.shape[0]
-        check_batch_size(self.name, n, self._max_batch)
         if tuple(batch.shape[1:]) != self._image_shape:
             raise BackendError(
                 f"{self.name}: expected images of shape {self._image_shape}, got {batch.shape[1:]}"
@@ -453,11 +453,13 @@ class TensorRTBackend:
                 if not self._context.execute_async_v3(self._buffers.stream.handle):
                     raise BackendError(f"{self.name}: TensorRT execution failed")
                 views = {
-                    o: self._buffers.download(o, _dims(self._context.get_tensor_shape(o)))
+                    o: self._buffers.download(o, dims(self._context.get_tensor_shape(o)))
                     for o in self._output_names
                 }
                 self._buffers.synchronize()
-                return {o: batched(np.array(v, dtype=np.float32), n) for o, v in views.items()}
+                return {
+                    o: with_batch_axis(np.array(v, dtype=np.float32), n) for o, v in views.items()
+                }
 
     def close(self) -> None:
         with self._lock:
@@ -500,6 +502,8 @@ def open_tensorrt_backend(
             path=str(result.path),
             precision=plan.key.precision,
             max_batch=max_batch,
+            effective_batch=plan.batch.effective,
+            batch_mode=plan.batch.mode,
             seconds=round(result.seconds, 2),
             reason=result.reason or None,
         )
@@ -507,7 +511,12 @@ def open_tensorrt_backend(
         # on_close keeps the toolchain, and so the TensorRT runtime and logger, alive as long
         # as the engine: TensorRT requires the runtime to outlive engines it deserialised.
         backend = TensorRTBackend(
-            result.value, info, max_batch, toolchain.device, on_close=toolchain.close
+            result.value,
+            info,
+            max_batch,
+            toolchain.device,
+            on_close=toolchain.close,
+            batch_plan=plan.batch,
         )
         log.debug("context_ready", model=info.name, seconds=round(time.monotonic() - started, 3))
         return backend

@@ -79,12 +79,13 @@ def add_parser(sub: Any) -> None:
 
 def sample_batch(settings: Settings, target: ModelTarget, seed: int) -> FloatArray:
     """A full batch of seeded pixels, normalised the way the pipeline feeds this model."""
-    from appliance.backends.tensorrt import image_shape_for
+    from appliance.backends.factory import image_shape_for
+    from appliance.models.loader import normalizes_input
 
     shape = (target.max_batch, *image_shape_for(settings, target.info))
     pixels = np.random.default_rng(seed).integers(0, 256, size=shape).astype(np.float32)
     pre = target.info.default_preprocess
-    if target.info.normalized_in_graph:
+    if normalizes_input(target.info, target.path):
         return pixels
     return ((pixels - pre.mean) / pre.std).astype(np.float32)
 
@@ -190,17 +191,18 @@ def check_models(
 
 def smoke_test(settings: Settings, targets: list[ModelTarget], seed: int, out: TextIO) -> None:
     """Run ONNX Runtime alone, so an operator still learns that the models work."""
-    from appliance.backends.ort import OnnxRuntimeBackend
+    from appliance.backends.factory import open_backend
 
     for target in targets:
-        backend = OnnxRuntimeBackend(target.path, target.info, max_batch=target.max_batch)
+        backend = open_backend("onnx", settings, target.info, target.path, target.max_batch)
         try:
             outputs = backend.infer(sample_batch(settings, target, seed))
         finally:
             backend.close()
         finite = all(bool(np.isfinite(v).all()) for v in outputs.values())
         print(
-            f"{target.info.name}: ONNX Runtime ran a batch of {target.max_batch}: "
+            f"{target.info.name}: ONNX Runtime ran a batch of {target.max_batch} "
+            f"({backend.batch_plan.mode}, {backend.batch_plan.effective} per run): "
             f"{len(outputs)} output(s), {'all finite' if finite else 'NOT FINITE'}",
             file=out,
         )
@@ -208,7 +210,6 @@ def smoke_test(settings: Settings, targets: list[ModelTarget], seed: int, out: T
 
 def run(args: argparse.Namespace) -> int:
     from appliance.backends.factory import open_backend, tensorrt_usable
-    from appliance.backends.ort import OnnxRuntimeBackend
 
     try:
         settings = settings_from_args(args)
@@ -233,7 +234,7 @@ def run(args: argparse.Namespace) -> int:
         return check_models(
             settings,
             targets,
-            lambda t: OnnxRuntimeBackend(t.path, t.info, max_batch=t.max_batch),
+            lambda t: open_backend("onnx", settings, t.info, t.path, t.max_batch),
             lambda t: open_backend("trt", settings, t.info, t.path, t.max_batch),
             min_cosine=args.min_cosine,
             max_det_diff=args.max_det_diff,

@@ -206,7 +206,12 @@ def build_engines(
         try:
             plan = plan_engine(settings, target.info, target.path, target.max_batch, toolchain)
             shapes = plan.key.profiles[0]
-            what = f"{plan.key.precision}, batch 1..{shapes.max[0]}, input {shapes.max[1:]}"
+            what = (
+                f"{plan.key.precision}, batch {shapes.min[0]}..{shapes.max[0]}, "
+                f"input {shapes.max[1:]}"
+            )
+            if plan.batch.mode in ("rewritten", "pieces"):
+                what += f", {plan.batch.reason}"
             with BuildDisplay(out, name) as display:
                 result = ensure_engine(plan, cache, toolchain, force=force, progress=display.phase)
         except (BackendError, EngineCacheError, OSError) as exc:

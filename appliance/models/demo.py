@@ -189,14 +189,15 @@ def build_arcface_model(
     inits: list[onnx.TensorProto] = []
     prev = input_name
     if normalize_in_graph:
-        # The MXNet-converted ArcFace starts with Sub and Mul: that is how loaders detect it.
+        # The MXNet-converted ArcFace starts with nodes named `_minusscalar0` and `_mulscalar0`:
+        # InsightFace detects it by those names, and so do the loaders.
         inits += [
             _const("mean", np.array([127.5], np.float32)),
             _const("scale", np.array([1 / 127.5], np.float32)),
         ]
         nodes += [
-            helper.make_node("Sub", [input_name, "mean"], ["centered"]),
-            helper.make_node("Mul", ["centered", "scale"], ["normalized"]),
+            helper.make_node("Sub", [input_name, "mean"], ["centered"], name="_minusscalar0"),
+            helper.make_node("Mul", ["centered", "scale"], ["normalized"], name="_mulscalar0"),
         ]
         prev = "normalized"
     conv_w = rng.normal(0, 0.2, (8, 3, 8, 8)).astype(np.float32)

@@ -66,7 +66,12 @@ def make_batch_dynamic(model: onnx.ModelProto) -> onnx.ModelProto:
 def normalizes_input(model: onnx.ModelProto, lookahead: int = 8) -> bool:
     """True when the graph subtracts and scales its input itself (MXNet-converted ArcFace).
 
-    InsightFace tells these models apart by a Sub and a Mul among the first few nodes.
+    Decided as InsightFace's ArcFaceONNX decides it, so both feed a model the same pixels:
+    a node named `Sub...` or `_minus...` and one named `Mul...` or `_mul...` among the first
+    `lookahead` nodes. Names, not operator types: a trunk may multiply early (PReLU slopes,
+    scale layers) without normalising anything.
     """
-    ops = [node.op_type for node in model.graph.node[:lookahead]]
-    return "Sub" in ops and "Mul" in ops
+    names = [node.name for node in model.graph.node[:lookahead]]
+    subtracts = any(n.startswith(("Sub", "_minus")) for n in names)
+    scales = any(n.startswith(("Mul", "_mul")) for n in names)
+    return subtracts and scales

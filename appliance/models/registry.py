@@ -28,7 +28,8 @@ class RegistryError(ValueError):
 
 @dataclasses.dataclass(frozen=True)
 class Preprocess:
-    """How pixels become the network input: (x - mean) / std per channel, RGB order."""
+    """How pixels become the network input: (x - mean) / std per channel, in RGB order when
+    `rgb` (decoded images are BGR, as OpenCV gives them; every InsightFace model takes RGB)."""
 
     mean: float
     std: float
@@ -53,11 +54,11 @@ class ModelInfo:
     url: str | None = None
     # "algorithm:hexdigest"; None when nobody published one.
     checksum: str | None = None
-    # True when the model accepts any batch size (after the loader rewrites the input).
-    dynamic_batch: bool = True
     preprocess: Preprocess | None = None
-    # Whether the graph normalises its own input (MXNet ArcFace); None = detect from the graph.
-    normalized_in_graph: bool | None = None
+    # Whether the graph normalises its own input (MXNet ArcFace), so it takes raw 0..255
+    # pixels whatever `preprocess` says; None = detect from the graph as InsightFace does
+    # (`onnx_graph.normalizes_input`). The one name for this fact, in overrides and /info too.
+    normalizes_input: bool | None = None
     # SCRFD: whether the model also returns 5 keypoints per anchor.
     keypoints: bool = True
     # Index of each output in the model's declared order, by meaning. SCRFD exports name
@@ -116,11 +117,20 @@ BUILTIN_MODELS: dict[str, ModelInfo] = {
             "03fd8fe67902798b7584b1e7ff3e0f6f",
             "SCRFD 0.5 GFLOPs, BatchNorm, keypoints",
         ),
-        _scrfd(
-            "scrfd_2.5g_bnkps",
-            "1yObTSsOYCJFn38uf6O6Hku-XEhK8-q0n",
-            "02710671a1af640b610b501383153868",
-            "SCRFD 2.5 GFLOPs, BatchNorm, keypoints",
+        # InsightFace's original export (model packs, `../shared/models`), not the copy
+        # InsightFace-REST hosts (md5 02710671...): fixed batch of 1, '?' height and width,
+        # 2-D outputs without a batch axis, graph numbers as output names in the declared
+        # order scores s8..s32, boxes, keypoints. The operator supplies the file.
+        ModelInfo(
+            name="scrfd_2.5g_bnkps",
+            family="scrfd",
+            file="scrfd_2.5g_bnkps.onnx",
+            input_shape=(3, 640, 640),
+            checksum="sha256:bc24bb349491481c3ca793cf89306723162c280cb284c5a5e49df3760bf5c2ce",
+            preprocess=SCRFD_PREPROCESS,
+            output_order=(0, 1, 2, 3, 4, 5, 6, 7, 8),
+            description="SCRFD 2.5 GFLOPs, BatchNorm, keypoints (InsightFace's export; "
+            "operator-supplied)",
         ),
         _scrfd(
             "scrfd_10g_bnkps",
@@ -151,21 +161,33 @@ BUILTIN_MODELS: dict[str, ModelInfo] = {
             "1TR_ImGvuY7Dt22a9BOAUAlHasFfkrJp-",
             "3b366b98f786426f79629ddb2e56629c",
             "ArcFace ResNet100 trained on Glint360K",
-            normalized_in_graph=False,
+            normalizes_input=False,
         ),
         _arcface(
             "w600k_r50",
             "1_3WcTE64Mlt_12PZHNWdhVCRpoPiblwq",
             "80248d427976241cbd1343889ed132b3",
             "ArcFace ResNet50 trained on WebFace600K",
-            normalized_in_graph=False,
+            normalizes_input=False,
         ),
         _arcface(
             "w600k_mbf",
             "1GtBKfGucgJDRLHvGWR3jOQovHYXY-Lpe",
             "c5b029527cb6f874e057613fc10bae1b",
             "ArcFace MobileFaceNet, WebFace600K",
-            normalized_in_graph=False,
+            normalizes_input=False,
+        ),
+        # A 128-d MobileFaceNet with a fixed batch of 1 (`../shared/models`); RGB,
+        # (x - 127.5) / 127.5. The operator supplies the file.
+        ModelInfo(
+            name="mobilefacenet_128",
+            family="arcface",
+            file="mobilefacenet_128.onnx",
+            input_shape=(3, 112, 112),
+            checksum="sha256:93fac2c9747e612f4f491c7842563a515ee2b6c237d9fee05e96291b07ac6019",
+            preprocess=ARCFACE_PREPROCESS,
+            normalizes_input=False,
+            description="MobileFaceNet, 128-d embeddings, fixed batch 1 (operator-supplied)",
         ),
         # No checksum is published for the MXNet conversion: it needs trust_unverified.
         _arcface(
@@ -173,7 +195,7 @@ BUILTIN_MODELS: dict[str, ModelInfo] = {
             "1sj170K3rbo5iOdjvjHw-hKWvXgH4dld3",
             None,
             "ArcFace ResNet100 converted from MXNet (normalises inside the graph)",
-            normalized_in_graph=True,
+            normalizes_input=True,
             preprocess=RAW_PREPROCESS,
         ),
     )
@@ -195,18 +217,19 @@ DEMO_MODELS: dict[str, ModelInfo] = {
         family="arcface",
         file=f"{DEMO_RECOGNIZER}.onnx",
         input_shape=(3, 112, 112),
-        normalized_in_graph=False,
+        normalizes_input=False,
         description="generated ArcFace-signature test recognizer",
     ),
 }
 
 _OVERRIDE_KEYS = {f.name for f in dataclasses.fields(ModelInfo)} - {"name", "preprocess"}
+_PREPROCESS_KEYS = {"mean", "std", "rgb"}
 
 
 def _from_override(name: str, entry: Mapping[str, Any], base: ModelInfo | None) -> ModelInfo:
     if not isinstance(entry, Mapping):
         raise RegistryError(f"override for {name!r} must be an object")
-    unknown = set(entry) - _OVERRIDE_KEYS - {"mean", "std"}
+    unknown = set(entry) - _OVERRIDE_KEYS - _PREPROCESS_KEYS
     if unknown:
         raise RegistryError(f"override for {name!r}: unknown keys {sorted(unknown)}")
     values: dict[str, Any] = dataclasses.asdict(base) if base else {"name": name}
@@ -235,10 +258,19 @@ def _from_override(name: str, entry: Mapping[str, Any], base: ModelInfo | None) 
     if checksum is not None and (not isinstance(checksum, str) or ":" not in checksum):
         raise RegistryError(f"override for {name!r}: checksum must be 'algorithm:hexdigest'")
     preprocess = base.preprocess if base else None
-    if "mean" in entry or "std" in entry:
+    if _PREPROCESS_KEYS & set(entry):
+        start = preprocess or (SCRFD_PREPROCESS if family == "scrfd" else ARCFACE_PREPROCESS)
+        rgb = entry.get("rgb", start.rgb)
+        if not isinstance(rgb, bool):
+            raise RegistryError(f"override for {name!r}: rgb must be true or false")
         preprocess = Preprocess(
-            mean=float(entry.get("mean", 127.5)), std=float(entry.get("std", 127.5))
+            mean=float(entry.get("mean", start.mean)),
+            std=float(entry.get("std", start.std)),
+            rgb=rgb,
         )
+    normalizes = values.get("normalizes_input")
+    if normalizes is not None and not isinstance(normalizes, bool):
+        raise RegistryError(f"override for {name!r}: normalizes_input must be true, false or null")
     return ModelInfo(
         name=name, preprocess=preprocess, **{k: v for k, v in values.items() if k != "name"}
     )

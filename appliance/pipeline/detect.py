@@ -71,10 +71,13 @@ def nms(boxes: FloatArray, scores: FloatArray, threshold: float = NMS_THRESHOLD)
     """Greedy non-maximum suppression; returns kept indices by descending score.
 
     Areas use the +1 pixel convention of InsightFace's SCRFD so suppression decisions match.
+    A box is dropped when its overlap with a kept one exceeds `threshold`. Tied scores keep
+    their input order (a stable sort of the negated scores): `argsort()[::-1]` would reverse
+    them and, being unstable, differ between runs of numpy's sort.
     """
     x1, y1, x2, y2 = boxes[:, 0], boxes[:, 1], boxes[:, 2], boxes[:, 3]
     areas = (x2 - x1 + 1) * (y2 - y1 + 1)
-    order = scores.argsort()[::-1]
+    order = np.argsort(-scores, kind="stable")
     keep: list[int] = []
     while order.size > 0:
         i = int(order[0])

@@ -1,4 +1,4 @@
-"""ArcFace pre- and post-processing: pixels in, unit-length 512-d embeddings out."""
+"""ArcFace pre- and post-processing: pixels in, unit-length embeddings (any length) out."""
 
 from __future__ import annotations
 

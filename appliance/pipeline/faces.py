@@ -19,7 +19,7 @@ import numpy.typing as npt
 from appliance.models.registry import ModelInfo
 from appliance.pipeline import align, embed
 from appliance.pipeline.batcher import DynamicBatcher
-from appliance.pipeline.detect import Detection, decode_scrfd
+from appliance.pipeline.detect import NMS_THRESHOLD, Detection, decode_scrfd
 from appliance.pipeline.images import ImageArray, letterbox
 
 FloatArray = npt.NDArray[np.float32]
@@ -79,10 +79,15 @@ class ModelSlot:
 
 class FaceAnalyzer:
     def __init__(
-        self, detector: ModelSlot, recognizer: ModelSlot | None, executor: Executor
+        self,
+        detector: ModelSlot,
+        recognizer: ModelSlot | None,
+        executor: Executor,
+        nms_threshold: float = NMS_THRESHOLD,
     ) -> None:
         self.detector = detector
         self.recognizer = recognizer
+        self.nms_threshold = nms_threshold
         self._executor = executor
 
     async def _cpu(self, fn: Callable[..., T], *args: Any) -> T:
@@ -107,7 +112,11 @@ class FaceAnalyzer:
         self, img: ImageArray, outputs: dict[str, FloatArray], scale: float, options: AnalyzeOptions
     ) -> tuple[list[Face], list[ImageArray]]:
         detections = decode_scrfd(
-            self.detector.ordered(outputs), self.detector.input_size, options.threshold, scale
+            self.detector.ordered(outputs),
+            self.detector.input_size,
+            options.threshold,
+            scale,
+            self.nms_threshold,
         )
         detections = [d for d in detections if _clip(d, img).size_ok(options.min_face_size)]
         if options.limit_faces > 0:
@@ -162,7 +171,12 @@ class FaceAnalyzer:
         if rec.normalizes_input:
             pre = dataclasses.replace(pre, mean=0.0, std=1.0)
         blob = await self._cpu(embed.to_blob, crops, pre)
-        results = await rec.batcher.submit_many(list(blob), source)
+        # A crowd has more crops than the queue holds: submit a model run's worth at a time,
+        # so one image never needs the whole queue at once (all or nothing would refuse it).
+        chunk = min(rec.batcher.max_batch, rec.batcher.max_queue)
+        results = []
+        for start in range(0, len(blob), chunk):
+            results += await rec.batcher.submit_many(list(blob[start : start + chunk]), source)
         raw = np.stack([rec.ordered(r)[0].reshape(-1) for r in results])
         vecs, norms = embed.normalize(raw)
         for face, vec, norm in zip(faces, vecs, norms, strict=True):

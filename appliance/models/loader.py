@@ -1,0 +1,209 @@
+"""Locate, verify and open the detector and recognizer the settings name.
+
+Blocking (file hashing, graph parsing, engine builds): call `load_models` from a thread.
+The application only wires what this returns into batchers and the analyzer.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from appliance.backends.base import BackendError, InferenceBackend
+from appliance.backends.factory import ResolvedBackend, choose_backend, open_backend
+from appliance.config import Settings
+from appliance.models import onnx_graph
+from appliance.models.registry import (
+    DEMO_DETECTOR,
+    DEMO_RECOGNIZER,
+    ModelInfo,
+    ModelRegistry,
+    RegistryError,
+)
+from appliance.pipeline.batcher import DynamicBatcher
+from appliance.pipeline.faces import ModelSlot
+
+log = structlog.get_logger("appliance.models.loader")
+
+RECOGNIZER_INPUT = (112, 112)
+
+
+class ModelLoadError(RuntimeError):
+    """A model cannot be located, verified or opened; the message says what to fix."""
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    info: ModelInfo
+    path: Path
+    backend: InferenceBackend
+    normalizes_input: bool
+    sha256: str
+    # (width, height) the analyzer feeds the model.
+    input_size: tuple[int, int]
+
+    def output_names(self) -> tuple[str, ...]:
+        return tuple(o.name for o in self.backend.outputs)
+
+    def embedding_size(self) -> int | None:
+        """Length of the recognizer's embedding, from its declared output shape."""
+        shape = self.backend.outputs[0].shape
+        size = 1
+        for d in shape[1:]:
+            if d < 1:
+                return None
+            size *= d
+        return size
+
+    def slot(self, batcher: DynamicBatcher) -> ModelSlot:
+        return ModelSlot(
+            self.info, batcher, self.output_names(), self.input_size, self.normalizes_input
+        )
+
+    def describe(self) -> dict[str, Any]:
+        """The model as /info shows it."""
+        facts: dict[str, Any] = {
+            "name": self.info.name,
+            "family": self.info.family,
+            "file": str(self.path),
+            "sha256": self.sha256,
+            "checksum": self.info.checksum,
+            "input_size": list(self.input_size),
+            "max_batch": self.backend.max_batch,
+            "normalizes_input": self.normalizes_input,
+            "rgb": self.info.default_preprocess.rgb,
+            "mean": self.info.default_preprocess.mean,
+            "std": self.info.default_preprocess.std,
+            **self.backend.batch_plan.describe(),
+        }
+        if self.info.family == "arcface":
+            facts["embedding_size"] = self.embedding_size()
+        return facts
+
+    def close(self) -> None:
+        self.backend.close()
+
+
+@dataclasses.dataclass
+class LoadedModels:
+    backend: ResolvedBackend
+    backend_reason: str
+    detector: LoadedModel
+    recognizer: LoadedModel
+
+    def close(self) -> None:
+        self.detector.close()
+        self.recognizer.close()
+
+
+def model_names(settings: Settings) -> tuple[str, str]:
+    if settings.demo_models:
+        return DEMO_DETECTOR, DEMO_RECOGNIZER
+    return settings.det_model, settings.rec_model
+
+
+def locate_model(
+    settings: Settings, registry: ModelRegistry, name: str
+) -> tuple[ModelInfo, Path, str]:
+    """The model's verified file and its sha256; raises ModelLoadError with the fix when it is
+    missing or bad. The verification already hashes the file: its sha256 is reused for /info."""
+    info = registry.get(name)
+    if settings.demo_models:
+        path = settings.models_dir / info.file
+        return info, path, onnx_graph.sha256_file(path)
+    from appliance.models.store import ModelStore, ModelStoreError
+
+    store = ModelStore(settings.models_dir, registry, trust_unverified=settings.trust_unverified)
+    try:
+        result = store.require_verified(name)
+    except ModelStoreError as exc:
+        raise ModelLoadError(str(exc)) from None
+    assert result.sha256 is not None  # computed for every present file
+    return info, result.path, result.sha256
+
+
+def normalizes_input(info: ModelInfo, path: Path) -> bool:
+    """The registry's answer, else the graph's, read as InsightFace reads it."""
+    if info.normalizes_input is not None:
+        return info.normalizes_input
+    # Only read the graph when the registry does not already know the answer: a large
+    # recognizer takes seconds to parse on the Orin's CPU.
+    return onnx_graph.normalizes_input(onnx_graph.load(path))
+
+
+def detector_input_size(settings: Settings, backend: InferenceBackend) -> tuple[int, int]:
+    shape = backend.inputs[0].shape
+    height, width = shape[2], shape[3]
+    if height > 0 and width > 0 and (width, height) != settings.max_size:
+        raise ModelLoadError(
+            f"MAX_SIZE is {settings.max_size[0]},{settings.max_size[1]} but the detector "
+            f"{backend.name} has a fixed {width}x{height} input; set MAX_SIZE={width},{height}"
+        )
+    return settings.max_size
+
+
+def load_model(
+    kind: ResolvedBackend,
+    settings: Settings,
+    info: ModelInfo,
+    path: Path,
+    sha256: str,
+    max_batch: int,
+) -> LoadedModel:
+    normalizes = normalizes_input(info, path)
+    try:
+        backend = open_backend(kind, settings, info, path, max_batch)
+    except BackendError as exc:
+        raise ModelLoadError(str(exc)) from None
+    try:
+        size = (
+            detector_input_size(settings, backend) if info.family == "scrfd" else RECOGNIZER_INPUT
+        )
+    except BaseException:
+        backend.close()
+        raise
+    plan = backend.batch_plan
+    log.info(
+        "model_batch_planned",
+        model=info.name,
+        configured_batch=plan.configured,
+        effective_batch=plan.effective,
+        batch_mode=plan.mode,
+        reason=plan.reason,
+    )
+    return LoadedModel(info, path, backend, normalizes, sha256, size)
+
+
+def load_models(settings: Settings) -> LoadedModels:
+    """Both models, verified and opened; raises ModelLoadError with the fix."""
+    det_name, rec_name = model_names(settings)
+    if settings.demo_models:
+        from appliance.models.demo import build_demo_models
+
+        build_demo_models(settings.models_dir, settings.max_size)
+    try:
+        registry = ModelRegistry.load(settings.override_file)
+        det_info, det_path, det_sha = locate_model(settings, registry, det_name)
+        rec_info, rec_path, rec_sha = locate_model(settings, registry, rec_name)
+    except RegistryError as exc:
+        raise ModelLoadError(str(exc)) from None
+    if det_info.family != "scrfd" or rec_info.family != "arcface":
+        raise ModelLoadError(
+            f"DET_MODEL must be an scrfd model and REC_MODEL an arcface model; got "
+            f"{det_name} ({det_info.family}) and {rec_name} ({rec_info.family})"
+        )
+    try:
+        kind, reason = choose_backend(settings)
+    except BackendError as exc:
+        raise ModelLoadError(str(exc)) from None
+    log.info("backend_chosen", backend=kind, reason=reason)
+    det = load_model(kind, settings, det_info, det_path, det_sha, settings.det_batch_size)
+    try:
+        rec = load_model(kind, settings, rec_info, rec_path, rec_sha, settings.rec_batch_size)
+    except BaseException:
+        det.close()
+        raise
+    return LoadedModels(kind, reason, det, rec)
