@@ -211,8 +211,14 @@ def test_check_without_tensorrt_runs_onnx_runtime_and_exits_3(
     code = cli.main(["check", "--demo-models", "--models-dir", str(tmp_path)])
     assert code == EXIT_NO_TENSORRT == 3
     captured = capsys.readouterr()
-    assert "demo_scrfd: ONNX Runtime ran a batch of 1: 9 output(s), all finite" in captured.out
-    assert "demo_arcface: ONNX Runtime ran a batch of 4: 1 output(s), all finite" in captured.out
+    assert (
+        "demo_scrfd: ONNX Runtime ran a batch of 1 (dynamic, 1 per run): 9 output(s), all finite"
+        in captured.out
+    )
+    assert (
+        "demo_arcface: ONNX Runtime ran a batch of 4 (dynamic, 4 per run): 1 output(s), all finite"
+        in captured.out
+    )
     assert "only ONNX Runtime is available here" in captured.err
     assert "exit code 3" in captured.err
 
