@@ -21,8 +21,8 @@ import onnx
 import pytest
 
 from appliance.backends.base import BackendError, InferenceBackend
-from appliance.backends.cuda_buffers import has_fast_fp16
 from appliance.backends.batching import with_batch_axis
+from appliance.backends.cuda_buffers import has_fast_fp16
 from appliance.backends.factory import (
     image_shape_for,
     open_backend,

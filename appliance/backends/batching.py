@@ -164,9 +164,13 @@ def plan_batch(
     shape = onnx_graph.input_shape(model)
     fixed = shape[0] if isinstance(shape[0], int) and shape[0] > 0 else None
     if fixed is None:
-        return model, BatchPlan(configured, None, configured, "dynamic", "the model's batch is dynamic")
+        return model, BatchPlan(
+            configured, None, configured, "dynamic", "the model's batch is dynamic"
+        )
     if fixed == configured:
-        return model, BatchPlan(configured, fixed, fixed, "fixed", "the configured batch is the model's")
+        return model, BatchPlan(
+            configured, fixed, fixed, "fixed", "the configured batch is the model's"
+        )
     rewritten = onnx_graph.make_batch_dynamic(model)
     why_not = _probe_rewrite(rewritten, image_shape)
     if why_not is None:

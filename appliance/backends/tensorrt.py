@@ -110,7 +110,9 @@ def profile_shapes(
     min = opt = max = N: the only batch it accepts.
     """
     if not 1 <= min_batch <= max_batch:
-        raise BackendError(f"batch range must satisfy 1 <= min <= max, got {min_batch}..{max_batch}")
+        raise BackendError(
+            f"batch range must satisfy 1 <= min <= max, got {min_batch}..{max_batch}"
+        )
     initializers = {i.name for i in model.graph.initializer}
     profiles = []
     for value in model.graph.input:
@@ -388,9 +390,7 @@ class TensorRTBackend:
             self._context = engine.create_execution_context()
             smallest = self._output_shapes(plan.min_batch)
             at_max = self._output_shapes(run_batch)
-        per_image = {
-            n: (1, *s[1:]) if s[0] == plan.min_batch else s for n, s in smallest.items()
-        }
+        per_image = {n: (1, *s[1:]) if s[0] == plan.min_batch else s for n, s in smallest.items()}
         self._inputs = [TensorSpec(self._input_name, (-1, *self._image_shape), "float32")]
         self._outputs = [
             TensorSpec(n, (-1, *per_image[n][1:]) if per_image[n][0] == 1 else (-1, *per_image[n]))

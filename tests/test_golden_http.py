@@ -1,0 +1,133 @@
+"""Golden tests end to end: the real models behind the real server on a real socket.
+
+Coordinates on the wire may be whole pixels (rounded or truncated, whichever convention the
+API answers in) or floats: both land within one pixel of the reference.
+"""
+
+from __future__ import annotations
+
+import base64
+from pathlib import Path
+from typing import Any
+
+import cv2
+import numpy as np
+import pytest
+
+from tests.golden import (
+    HTTP_PIXEL_TOL,
+    REFERENCE_DET_THRESHOLD,
+    SCORE_TOL,
+    SIMILARITY_TOL,
+    best_similarity,
+    match,
+    max_abs_diff,
+)
+from tests.real_data import REAL_DETECTOR, REAL_RECOGNIZER, load_reference
+from tests.test_golden import mosaic
+
+
+def real(real_models: Path, **overrides: Any) -> dict[str, Any]:
+    return {
+        "models_dir": real_models,
+        "det_model": REAL_DETECTOR,
+        "rec_model": REAL_RECOGNIZER,
+        "trust_unverified": False,
+        "det_batch_size": 1,
+        **overrides,
+    }
+
+
+async def extract(client: Any, images: list[bytes], **options: Any) -> list[dict[str, Any]]:
+    body = {
+        "images": {"data": [base64.b64encode(i).decode("ascii") for i in images]},
+        "threshold": REFERENCE_DET_THRESHOLD,
+        "return_landmarks": True,
+        **options,
+    }
+    response = await client.post("/extract", json=body)
+    assert response.status == 200, await response.text()
+    data: list[dict[str, Any]] = (await response.json())["data"]
+    assert all(d["status"] == "ok" for d in data), data
+    return data
+
+
+async def test_every_photo_and_probe_matches_the_reference_through_http(
+    serve: Any, real_models: Path, photos: Path
+) -> None:
+    reference = load_reference(photos)
+    keys = sorted(reference["images"])
+    client = await serve(**real(real_models, rec_batch_size=4))
+    data = await extract(client, [(photos.parent / k).read_bytes() for k in keys])
+    faces_by_key = dict(zip(keys, (d["faces"] for d in data), strict=True))
+    for key in keys:
+        expected = reference["images"][key]["faces"]
+        faces = faces_by_key[key]
+        assert len(faces) == len(expected), key
+        order = match([f["bbox"] for f in faces], [e["bbox"] for e in expected])
+        for e, i in zip(expected, order, strict=True):
+            assert max_abs_diff(faces[i]["bbox"], e["bbox"]) <= HTTP_PIXEL_TOL, key
+            assert max_abs_diff(faces[i]["landmarks"], e["landmarks"]) <= HTTP_PIXEL_TOL, key
+            assert abs(faces[i]["prob"] - e["score"]) <= SCORE_TOL, key
+            assert len(faces[i]["vec"]) == 128
+    gallery: dict[str, list[Any]] = {}
+    for key in keys:
+        if "/gallery/" in key:
+            (face,) = faces_by_key[key]
+            gallery.setdefault(key.split("/")[2], []).append(face["vec"])
+    for key, expected_faces in reference["identities"].items():
+        faces = faces_by_key[key]
+        order = match([f["bbox"] for f in faces], [e["bbox"] for e in expected_faces])
+        for e, i in zip(expected_faces, order, strict=True):
+            got = best_similarity(faces[i]["vec"], gallery)
+            for identity, similarity in e["best_similarity_per_identity"].items():
+                assert got[identity] == pytest.approx(similarity, abs=SIMILARITY_TOL)
+
+
+@pytest.mark.parametrize("rec_batch_size", [1, 4, 64])
+async def test_info_reports_configured_and_effective_batch_and_embedding_size(
+    serve: Any, real_models: Path, photos: Path, rec_batch_size: int
+) -> None:
+    client = await serve(**real(real_models, rec_batch_size=rec_batch_size))
+    info = await (await client.get("/info")).json()
+    rec = info["models"]["recognizer"]
+    assert rec["embedding_size"] == 128
+    assert (rec["configured_batch"], rec["effective_batch"], rec["model_batch"]) == (
+        rec_batch_size,
+        1,
+        1,
+    )
+    assert rec["batch_mode"] == ("fixed" if rec_batch_size == 1 else "pieces")
+    det = info["models"]["detector"]
+    assert (det["name"], det["normalizes_input"], det["rgb"]) == (REAL_DETECTOR, False, True)
+    # The request that answered 500 before: six faces of t1.jpg at once.
+    (result,) = await extract(client, [(photos / "t1.jpg").read_bytes()])
+    assert len(result["faces"]) == 6
+    assert all(len(f["vec"]) == 128 for f in result["faces"])
+
+
+async def test_a_crowd_photo_is_answered_on_an_idle_server(
+    serve: Any, real_models: Path, photos: Path
+) -> None:
+    reference = load_reference(photos)
+    crowd = mosaic(photos, reference, columns=12, rows=6)
+    ok, jpeg = cv2.imencode(".jpg", crowd, [cv2.IMWRITE_JPEG_QUALITY, 95])
+    assert ok
+    client = await serve(**real(real_models, max_size=(1536, 960), max_queue=64))
+    (result,) = await extract(client, [bytes(jpeg.tobytes())])
+    assert len(result["faces"]) > 64
+    vecs = np.array([f["vec"] for f in result["faces"]])
+    assert vecs.shape[1] == 128
+
+
+async def test_nms_threshold_setting_reaches_the_detector(
+    serve: Any, real_models: Path, photos: Path
+) -> None:
+    image = (photos / "t1.jpg").read_bytes()
+    strict = await serve(**real(real_models))
+    (default,) = await extract(strict, [image], threshold=0.3, extract_embedding=False)
+    lax = await serve(**real(real_models, nms_threshold=0.95))
+    (loose,) = await extract(lax, [image], threshold=0.3, extract_embedding=False)
+    # The same candidates; 0.95 suppresses only near-identical boxes (see test_golden).
+    assert len(default["faces"]) == 6
+    assert len(loose["faces"]) > len(default["faces"])
