@@ -19,6 +19,14 @@ names and checksums are listed by `appliance models list`, and `appliance models
 downloads one where the network allows), or start with the generated demo models, which need
 no download and report planted test faces: `appliance serve --demo-models`."""
 
+DEMO_WARNING = """Serving the generated DEMO models: they report the same planted test faces whatever the image,
+so no answer says anything about a real photo. For real faces, put real model files in a
+directory and name them, for example InsightFace's SCRFD-2.5G detector and a 128-d
+MobileFaceNet (files scrfd_2.5g_bnkps.onnx and mobilefacenet_128.onnx, checked against their
+sha256): `MODELS_DIR=/path/to/models DET_MODEL=scrfd_2.5g_bnkps REC_MODEL=mobilefacenet_128
+appliance serve`. `appliance models list` shows every known model; docs/MODELS.md explains
+how to add your own."""
+
 
 def add_parser(sub: Any) -> None:
     p: argparse.ArgumentParser = sub.add_parser("serve", help="run the HTTP/WebSocket service")
@@ -98,6 +106,10 @@ def use_demo(settings: Settings) -> Settings:
     return settings.replace(demo_models=True, models_dir=models_dir)
 
 
+def _paragraph(text: str) -> str:
+    return textwrap.fill(text, width=100, replace_whitespace=False)
+
+
 def run(args: argparse.Namespace) -> int:
     from aiohttp import web
 
@@ -114,19 +126,16 @@ def run(args: argparse.Namespace) -> int:
     configure_logging(settings.log_level, settings.log_format)
     if settings.demo_models:
         settings = use_demo(settings)
+        print(_paragraph(DEMO_WARNING), file=sys.stderr)
     else:
         try:
             prepare_models(settings, fetch=not args.no_fetch)
         except (ModelStoreError, OSError) as exc:
-            print(
-                textwrap.fill(
-                    NO_MODELS_HELP.format(problem=exc), width=100, replace_whitespace=False
-                ),
-                file=sys.stderr,
-            )
+            print(_paragraph(NO_MODELS_HELP.format(problem=exc)), file=sys.stderr)
             if not args.fallback_demo:
                 return 2
             print("Continuing with the demo models (--fallback-demo).", file=sys.stderr)
+            print(_paragraph(DEMO_WARNING), file=sys.stderr)
             settings = use_demo(settings)
     try:
         web.run_app(
