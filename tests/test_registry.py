@@ -190,6 +190,24 @@ def test_override_of_builtin_keeps_its_other_fields(tmp_path: Path) -> None:
     assert info.checksum == "md5:3b366b98f786426f79629ddb2e56629c"
 
 
+def test_override_sets_colour_order_and_normalisation_keeping_the_rest(tmp_path: Path) -> None:
+    path = write_override(
+        tmp_path,
+        {
+            "mobilefacenet_128": {"rgb": False},
+            "bgr_raw": {"family": "arcface", "rgb": False, "normalizes_input": True},
+            "glintr100": {"normalizes_input": None},  # detect from the graph instead
+        },
+    )
+    registry = ModelRegistry.load(path)
+    mbf = registry.get("mobilefacenet_128")
+    assert mbf.default_preprocess == Preprocess(mean=127.5, std=127.5, rgb=False)
+    assert mbf.checksum is not None and mbf.checksum.startswith("sha256:")
+    raw = registry.get("bgr_raw")
+    assert raw.normalizes_input is True and raw.default_preprocess.rgb is False
+    assert registry.get("glintr100").normalizes_input is None
+
+
 @pytest.mark.parametrize(
     ("entry", "match"),
     [
@@ -200,6 +218,9 @@ def test_override_of_builtin_keeps_its_other_fields(tmp_path: Path) -> None:
         ({"family": "scrfd", "input_shape": [640, 640]}, "input_shape"),
         ({"family": "scrfd", "input_shape": [3, "640", 640]}, "input_shape"),
         ({"family": "scrfd", "checksum": "deadbeef"}, "checksum"),
+        ({"family": "arcface", "rgb": "yes"}, "rgb"),
+        ({"family": "arcface", "normalizes_input": "no"}, "normalizes_input"),
+        ({"family": "arcface", "normalized_in_graph": True}, "unknown keys"),
         ("scrfd", "must be an object"),
     ],
 )
