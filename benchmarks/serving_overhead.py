@@ -6,6 +6,8 @@
 
 It prints medians, p99 and the throughput ratio (b)/(a) per concurrency. Run with
 `python benchmarks/serving_overhead.py` (see --help); results go in docs/BENCHMARKS.md.
+`--real-models DIR` measures the real SCRFD-2.5G (`scrfd_2.5g_bnkps.onnx` in DIR) on a real
+photo (`--image`, default the shared t1.jpg) instead of the generated detector.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ import numpy as np
 
 from appliance.backends.ort import OnnxRuntimeBackend
 from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
-from appliance.models.registry import ModelRegistry
+from appliance.models.registry import ModelInfo, ModelRegistry
 from appliance.pipeline.embed import to_blob
 from appliance.pipeline.images import letterbox
 
@@ -56,6 +58,11 @@ def make_image(seed: int = 0) -> bytes:
     return bytes(buf.tobytes())
 
 
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+REAL_DETECTOR = "scrfd_2.5g_bnkps"
+REAL_RECOGNIZER = "mobilefacenet_128"
+
+
 def write_models(directory: Path, layers: int, channels: int) -> None:
     faces = [PlantedFace.square(100, 120, 80), PlantedFace.square(300, 200, 150)]
     build_scrfd_model(directory / "det.onnx", faces, trunk_layers=layers, trunk_channels=channels)
@@ -67,10 +74,20 @@ def write_models(directory: Path, layers: int, channels: int) -> None:
     (directory / "models.override.json").write_text(json.dumps(override))
 
 
-def bare_loop(directory: Path, image: bytes, batch: int, seconds: float) -> dict[str, float]:
-    registry = ModelRegistry.load(directory / "models.override.json")
-    info = registry.get("bench_scrfd")
-    backend = OnnxRuntimeBackend(directory / "det.onnx", info, max_batch=batch)
+def detector(directory: Path, real: bool) -> tuple[ModelInfo, Path]:
+    if real:
+        info = ModelRegistry.load().get(REAL_DETECTOR)
+        return info, directory / info.file
+    return ModelRegistry.load(directory / "models.override.json").get("bench_scrfd"), (
+        directory / "det.onnx"
+    )
+
+
+def bare_loop(
+    directory: Path, image: bytes, batch: int, seconds: float, real: bool = False
+) -> dict[str, float]:
+    info, path = detector(directory, real)
+    backend = OnnxRuntimeBackend(path, info, max_batch=batch, image_shape=(3, 640, 640))
     img = cv2.imdecode(np.frombuffer(image, np.uint8), cv2.IMREAD_COLOR)
     canvas, _ = letterbox(img, (640, 640))
     blob = np.repeat(to_blob(canvas, info.default_preprocess), batch, axis=0)
@@ -128,13 +145,13 @@ async def load(url: str, image: bytes, concurrency: int, seconds: float) -> dict
 
 
 def start_server(
-    directory: Path, port: int, batch: int, window_ms: float
+    directory: Path, port: int, batch: int, window_ms: float, real: bool = False
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
         "MODELS_DIR": str(directory),
-        "DET_MODEL": "bench_scrfd",
-        "REC_MODEL": "bench_arcface",
+        "DET_MODEL": REAL_DETECTOR if real else "bench_scrfd",
+        "REC_MODEL": REAL_RECOGNIZER if real else "bench_arcface",
         "TRUST_UNVERIFIED": "1",
         "DET_BATCH_SIZE": str(batch),
         "BATCH_WINDOW_MS": str(window_ms),
@@ -179,15 +196,33 @@ def main() -> None:
         "--rounds", type=int, default=3, help="alternating rounds; medians are reported"
     )
     parser.add_argument("--json", type=Path, help="also write the results here")
+    parser.add_argument(
+        "--real-models",
+        type=Path,
+        nargs="?",
+        const=SHARED / "models",
+        help=f"directory with {REAL_DETECTOR}.onnx and {REAL_RECOGNIZER}.onnx "
+        "(default with no value: ../shared/models); --layers/--channels are then ignored",
+    )
+    parser.add_argument(
+        "--image", type=Path, help="JPEG to send (default: generated, or t1.jpg with real models)"
+    )
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
-    image = make_image()
+    real = args.real_models is not None
+    if args.image is not None:
+        image = args.image.read_bytes()
+    elif real:
+        image = (SHARED / "photos" / "t1.jpg").read_bytes()
+    else:
+        image = make_image()
 
     with tempfile.TemporaryDirectory() as tmp:
-        directory = Path(tmp)
-        write_models(directory, args.layers, args.channels)
+        directory = args.real_models if real else Path(tmp)
+        if not real:
+            write_models(directory, args.layers, args.channels)
         port = free_port()
-        server = start_server(directory, port, args.batch, args.window_ms)
+        server = start_server(directory, port, args.batch, args.window_ms, real)
         url = f"http://127.0.0.1:{port}/extract"
         bare_runs: list[dict[str, float]] = []
         served_runs: dict[int, list[dict[str, float]]] = {c: [] for c in concurrencies}
@@ -195,7 +230,7 @@ def main() -> None:
             # Alternate (a) and (b) so that machine noise hits both alike. The server idles
             # while the bare loop runs, and vice versa.
             for _ in range(args.rounds):
-                bare_runs.append(bare_loop(directory, image, args.batch, args.seconds))
+                bare_runs.append(bare_loop(directory, image, args.batch, args.seconds, real))
                 for c in concurrencies:
                     served_runs[c].append(asyncio.run(load(url, image, c, args.seconds)))
         finally:
@@ -208,7 +243,11 @@ def main() -> None:
     bare_tput = med(bare_runs, "images_per_s")
     result: dict[str, Any] = {
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.python_version()}",
-        "model": f"generated SCRFD-signature detector, trunk {args.layers}x{args.channels}, 640x640",
+        "model": (
+            f"real {REAL_DETECTOR}, 640x640"
+            if real
+            else f"generated SCRFD-signature detector, trunk {args.layers}x{args.channels}, 640x640"
+        ),
         "batch": args.batch,
         "bare": {
             "batch_ms_p50": med(bare_runs, "batch_ms_p50"),
