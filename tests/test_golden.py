@@ -214,3 +214,38 @@ async def test_a_crowd_of_more_faces_than_the_queue_holds_is_analysed(
         result = await analyzer.analyze(crowd, REFERENCE_OPTIONS)
     assert len(result.faces) > 64
     assert all(f.vec is not None and f.vec.shape == (128,) for f in result.faces)
+
+
+async def test_a_wrong_colour_order_fact_would_be_caught(
+    real_models: Path, photos: Path, reference: dict[str, Any], tmp_path: Path
+) -> None:
+    # The proof that the golden tests see pre-processing: feed the recognizer BGR (an
+    # override of its registry fact) and the probe no longer matches the reference.
+    override = tmp_path / "models.override.json"
+    override.write_text('{"mobilefacenet_128": {"rgb": false}}')
+    probe_key = "photos/probe/obama1.jpg"
+    keys = ["photos/gallery/obama/obama.jpg", "photos/gallery/obama/obama2.jpg", probe_key]
+    faces = await analyze_all(real_models, photos, keys, models_override=override)
+    gallery = enrol({k: faces[k] for k in keys[:2]})
+    (probe,) = faces[probe_key]
+    similarity = best_similarity(probe.vec, gallery)["obama"]
+    (expected,) = reference["identities"][probe_key]
+    assert abs(similarity - expected["best_similarity_per_identity"]["obama"]) > SIMILARITY_TOL
+
+
+async def test_a_smaller_max_size_still_finds_the_reference_faces(
+    real_models: Path, photos: Path, reference: dict[str, Any]
+) -> None:
+    # Detecting at 320x320 inside the 640x640 input: the letterbox into the top-left corner
+    # must keep coordinates in original pixels; coarser, so within a few pixels only.
+    key = "photos/t1.jpg"
+    img = decode(photos / "t1.jpg")
+    async with real_analyzer(real_settings(real_models)) as (analyzer, _):
+        small = await analyzer.analyze(
+            img, AnalyzeOptions(threshold=0.3, max_size=(320, 320), extract_embedding=False)
+        )
+    expected = reference["images"][key]["faces"]
+    assert len(small.faces) == len(expected)
+    order = match([f.bbox for f in small.faces], [e["bbox"] for e in expected])
+    for e, i in zip(expected, order, strict=True):
+        assert max_abs_diff(small.faces[i].bbox, e["bbox"]) < 12
