@@ -218,3 +218,33 @@ def test_detector_without_batch_axis_gets_one(trt_settings: object, tmp_path: Pa
         assert all(s[0] == 2 for s in shapes)
     finally:
         backend.close()
+
+
+@pytest.mark.gpu
+@pytest.mark.tensorrt
+def test_fixed_batch_real_recognizer_gets_a_profile_it_accepts_and_runs_in_pieces(
+    trt_settings: object, real_models: Path
+) -> None:
+    from appliance.backends.ort import OnnxRuntimeBackend
+    from appliance.backends.tensorrt import open_tensorrt_backend
+    from appliance.config import Settings
+    from appliance.models.registry import BUILTIN_MODELS
+
+    assert isinstance(trt_settings, Settings)
+    info = BUILTIN_MODELS["mobilefacenet_128"]
+    path = real_models / info.file
+    engine = open_tensorrt_backend(trt_settings, info, path, max_batch=4)
+    reference = OnnxRuntimeBackend(path, info, max_batch=4)
+    try:
+        assert (engine.batch_plan.mode, engine.batch_plan.effective) == ("pieces", 1)
+        x = np.random.default_rng(2).uniform(-1, 1, (3, 3, 112, 112)).astype(np.float32)
+        got = engine.infer(x)["output0"]
+        want = reference.infer(x)["output0"]
+        assert got.shape == want.shape == (3, 128)
+        cos = np.sum(got * want, axis=1) / (
+            np.linalg.norm(got, axis=1) * np.linalg.norm(want, axis=1)
+        )
+        assert cos.min() > 0.99
+    finally:
+        engine.close()
+        reference.close()
