@@ -220,7 +220,7 @@ def test_override_sets_colour_order_and_normalisation_keeping_the_rest(tmp_path:
         ({"family": "scrfd", "checksum": "deadbeef"}, "checksum"),
         ({"family": "arcface", "rgb": "yes"}, "rgb"),
         ({"family": "arcface", "normalizes_input": "no"}, "normalizes_input"),
-        ({"family": "arcface", "normalized_in_graph": True}, "unknown keys"),
+        ({"family": "arcface", "normalized_in_graph": True}, "now normalizes_input"),
         ("scrfd", "must be an object"),
     ],
 )

@@ -231,7 +231,12 @@ def _from_override(name: str, entry: Mapping[str, Any], base: ModelInfo | None) 
         raise RegistryError(f"override for {name!r} must be an object")
     unknown = set(entry) - _OVERRIDE_KEYS - _PREPROCESS_KEYS
     if unknown:
-        raise RegistryError(f"override for {name!r}: unknown keys {sorted(unknown)}")
+        hint = (
+            "; normalized_in_graph is now normalizes_input"
+            if "normalized_in_graph" in unknown
+            else ""
+        )
+        raise RegistryError(f"override for {name!r}: unknown keys {sorted(unknown)}{hint}")
     values: dict[str, Any] = dataclasses.asdict(base) if base else {"name": name}
     values.pop("preprocess", None)
     values.update({k: v for k, v in entry.items() if k in _OVERRIDE_KEYS})
