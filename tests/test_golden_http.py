@@ -57,7 +57,10 @@ async def test_every_photo_and_probe_matches_the_reference_through_http(
 ) -> None:
     reference = load_reference(photos)
     keys = sorted(reference["images"])
-    client = await serve(**real(real_models, rec_batch_size=4))
+    # Both models fix their batch at 1: at 4 each runs its batches in pieces.
+    client = await serve(**real(real_models, det_batch_size=4, rec_batch_size=4))
+    info = await (await client.get("/info")).json()
+    assert info["models"]["detector"]["batch_mode"] == "pieces"
     data = await extract(client, [(photos.parent / k).read_bytes() for k in keys])
     faces_by_key = dict(zip(keys, (d["faces"] for d in data), strict=True))
     for key in keys:
