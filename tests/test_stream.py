@@ -14,7 +14,8 @@ import pytest
 
 from appliance.api import state
 from appliance.api.policy import LoadPolicy
-from appliance.api.stream import STREAMS, BadConfig, parse_config
+from appliance.api.state import STREAMS
+from appliance.api.stream_protocol import BadConfig, parse_config
 from tests import stream_fixtures
 from tests.conftest import PLANTED
 from tests.helpers import b64, jpeg, png

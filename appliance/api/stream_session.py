@@ -1,9 +1,7 @@
-"""`GET /ws/stream`: live frames in, one result per processed frame out (DESIGN section 4).
+"""One live stream: three tasks around one WebSocket, plus a stats ticker (docs/STREAMS.md).
 
-Each stream is three tasks around one WebSocket (plus a stats ticker):
-
-* the reader (the request handler itself) takes config/tag/frame messages and puts each frame
-  into the stream's single *waiting* slot; a newer frame replaces the waiting one
+* the reader (`run`, the request handler's own task) takes config/tag/frame messages and puts
+  each frame into the stream's single *waiting* slot; a newer frame replaces the waiting one
   (latest-frame-wins), so a fast sender never builds a backlog;
 * the worker takes the waiting frame no sooner than the fps cap allows, decodes it in the
   executor and runs it through the shared batchers (tag "stream"), so at most one frame per
@@ -12,7 +10,8 @@ Each stream is three tasks around one WebSocket (plus a stats ticker):
   results are dropped and counted, so a slow reader stalls neither inference nor other
   streams.
 
-The live view page (`/`) and its static files are registered here too.
+The session knows no app: what it needs is handed to it (`StreamDeps`), so the wiring
+(`api/live_view.py`) stays the only place that reads the app's state.
 """
 
 from __future__ import annotations
@@ -20,36 +19,43 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import itertools
-import json
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Callable, Coroutine
-from pathlib import Path
+from collections.abc import Coroutine
+from concurrent.futures import Executor
 from typing import Any
 
 import numpy as np
 import structlog
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
-from prometheus_client import Counter, Gauge, Histogram
 
-from appliance.api import state
-from appliance.api.errors import ApiError
-from appliance.api.metrics import LATENCY_BUCKETS
+from appliance.api.metrics import StreamMetrics
 from appliance.api.policy import LoadPolicy
-from appliance.api.schemas import face_to_dict, parse_options
+from appliance.api.responses import face_out
+from appliance.api.stream_protocol import (
+    BadConfig,
+    BadMessage,
+    ConfigAck,
+    ErrorMessage,
+    Latency,
+    ResultMessage,
+    ServerMessage,
+    StatsMessage,
+    StatusMessage,
+    StreamConfig,
+    decode_client_message,
+    encode,
+    parse_config,
+)
+from appliance.config import Settings
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
-from appliance.pipeline.faces import AnalyzeOptions, ImageResult
-from appliance.pipeline.images import ImageError
+from appliance.pipeline.faces import FaceAnalyzer, ImageResult
+from appliance.pipeline.images import JPEG_MAGIC, PNG_MAGIC, ImageDecoder, ImageError
 
 log = structlog.get_logger("appliance.stream")
 
-STATIC_DIR = Path(__file__).parent / "static"
-# Only what the /extract options mean for a frame; "type" and "max_fps" are stream-only.
-STREAM_ONLY_FIELDS = {"type", "max_fps"}
 # Recent per-frame latencies kept for the p50/p99 in stats messages.
 LATENCY_WINDOW = 512
-JPEG_MAGIC = b"\xff\xd8\xff"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 CLOSE_SHUTDOWN = WSCloseCode.GOING_AWAY  # 1001
 CLOSE_POLICY = WSCloseCode.POLICY_VIOLATION  # 1008
@@ -57,32 +63,15 @@ CLOSE_TOO_BIG = WSCloseCode.MESSAGE_TOO_BIG  # 1009
 CLOSE_TRY_AGAIN = WSCloseCode.TRY_AGAIN_LATER  # 1013
 
 
-class StreamMetrics:
-    """Stream counters, registered in the app's own Prometheus registry."""
+@dataclasses.dataclass(frozen=True)
+class StreamDeps:
+    """What a stream uses of the app; shared by every stream of it."""
 
-    def __init__(self, metrics: Any) -> None:
-        r = metrics.registry
-        self.active = Gauge("appliance_streams_active", "Open live streams", registry=r)
-        self.frames = Counter(
-            "appliance_stream_frames_total",
-            "Stream frames by outcome (processed, replaced, over_fps, busy, bad)",
-            ["outcome"],
-            registry=r,
-        )
-        self.results_dropped = Counter(
-            "appliance_stream_results_dropped_total",
-            "Results discarded because the client did not read them",
-            registry=r,
-        )
-        self.closed = Counter(
-            "appliance_streams_closed_total", "Streams closed, by close code", ["code"], registry=r
-        )
-        self.latency = Histogram(
-            "appliance_stream_latency_seconds",
-            "Frame received to result queued",
-            buckets=LATENCY_BUCKETS,
-            registry=r,
-        )
+    settings: Settings
+    metrics: StreamMetrics
+    decoder: ImageDecoder
+    executor: Executor
+    analyzer: FaceAnalyzer
 
 
 class StreamRegistry:
@@ -96,58 +85,6 @@ class StreamRegistry:
     def on_policy(self, policy: LoadPolicy) -> None:
         for stream in list(self.streams.values()):
             stream.apply_policy(policy)
-
-
-STREAMS = web.AppKey("streams", StreamRegistry)
-STREAM_METRICS = web.AppKey("stream_metrics", StreamMetrics)
-
-
-class BadConfig(ValueError):
-    """A config message the stream cannot use: the stream is closed with 1008."""
-
-
-@dataclasses.dataclass(frozen=True)
-class StreamConfig:
-    options: AnalyzeOptions
-    mapping: dict[str, Any]  # parsed /extract options, as face_to_dict reads them
-    max_fps: float
-    warnings: tuple[str, ...] = ()
-
-
-def parse_config(
-    message: dict[str, Any],
-    default_threshold: float,
-    max_size: tuple[int, int],
-    fps_limit: float,
-) -> StreamConfig:
-    """A `{"type": "config", ...}` message -> StreamConfig; BadConfig says what is wrong."""
-    body = {k: v for k, v in message.items() if k not in STREAM_ONLY_FIELDS}
-    try:
-        mapping = parse_options(body, default_threshold, max_size)
-    except ApiError as exc:
-        raise BadConfig(exc.message) from None
-    warnings: list[str] = []
-    raw_fps = message.get("max_fps", fps_limit)
-    if isinstance(raw_fps, bool) or not isinstance(raw_fps, (int, float)) or not raw_fps > 0:
-        raise BadConfig(f"'max_fps' must be a positive number, got {raw_fps!r}")
-    max_fps = float(raw_fps)
-    if max_fps > fps_limit:
-        warnings.append(f"max_fps {max_fps:g} is above STREAM_MAX_FPS; using {fps_limit:g}")
-        max_fps = fps_limit
-    unknown = sorted(set(body) - set(mapping) - {"api_ver"})
-    warnings += [f"unknown field '{name}' ignored" for name in unknown]
-    if mapping["msgpack"]:
-        warnings.append("msgpack: stream results are always JSON text messages")
-    options = AnalyzeOptions(
-        threshold=mapping["threshold"],
-        extract_embedding=mapping["extract_embedding"],
-        return_face_data=mapping["return_face_data"],
-        limit_faces=mapping["limit_faces"],
-        min_face_size=float(mapping["min_face_size"]),
-        max_size=mapping["max_size"],
-        source="stream",
-    )
-    return StreamConfig(options, mapping, max_fps, tuple(warnings))
 
 
 @dataclasses.dataclass
@@ -180,22 +117,24 @@ def percentile(values: list[float], q: float) -> float | None:
 
 
 class Stream:
-    def __init__(self, app: web.Application, ws: web.WebSocketResponse, stream_id: str) -> None:
-        settings = app[state.SETTINGS]
-        self.app = app
+    def __init__(
+        self, deps: StreamDeps, ws: web.WebSocketResponse, stream_id: str, policy: LoadPolicy
+    ) -> None:
+        settings = deps.settings
+        self.deps = deps
         self.ws = ws
         self.id = stream_id
         self.settings = settings
-        self.metrics = app[STREAM_METRICS]
+        self.metrics = deps.metrics
         self.config = parse_config(
             {}, settings.det_threshold, settings.max_size, settings.stream_max_fps
         )
-        self.policy = app[state.POLICY].current
+        self.policy = policy
         self.counters = Counters()
         self.latencies: deque[float] = deque(maxlen=LATENCY_WINDOW)
         self.waiting: Frame | None = None
         self.frame_ready = asyncio.Event()
-        self.outbox: deque[dict[str, Any]] = deque()
+        self.outbox: deque[ServerMessage] = deque()
         self.outbox_ready = asyncio.Event()
         self.next_tag: tuple[int, Any] | None = None
         self.auto_seq = 0
@@ -228,14 +167,13 @@ class Stream:
             return
         self.enqueue(self.status_message())
 
-    def status_message(self) -> dict[str, Any]:
-        return {
-            "type": "status",
-            "state": self.policy.state,
-            "max_fps": self.max_fps,
-            "accept_new_streams": self.policy.accept_new_streams,
-            "reason": self.policy.reason,
-        }
+    def status_message(self) -> StatusMessage:
+        return StatusMessage(
+            state=self.policy.state,
+            max_fps=self.max_fps,
+            accept_new_streams=self.policy.accept_new_streams,
+            reason=self.policy.reason,
+        )
 
     def request_close(self, code: int, reason: str) -> None:
         """Close from any task or callback; the reader loop then ends and cleans up."""
@@ -254,12 +192,12 @@ class Stream:
 
     # ------------------------------------------------------------ outgoing messages
 
-    def enqueue(self, message: dict[str, Any]) -> None:
+    def enqueue(self, message: ServerMessage) -> None:
         """Queue a message for the writer; when full, the oldest result makes room."""
         if len(self.outbox) >= self.settings.stream_send_queue:
-            victim = next((m for m in self.outbox if m.get("type") == "result"), self.outbox[0])
+            victim = next((m for m in self.outbox if isinstance(m, ResultMessage)), self.outbox[0])
             self.outbox.remove(victim)
-            if victim.get("type") == "result":
+            if isinstance(victim, ResultMessage):
                 self.counters.results_dropped += 1
                 self.metrics.results_dropped.inc()
         self.outbox.append(message)
@@ -274,32 +212,31 @@ class Stream:
                 try:
                     # send_str waits while the socket's buffer is full: only this stream's
                     # writer waits, and meanwhile its outbox drops old results.
-                    await self.ws.send_str(json.dumps(message, separators=(",", ":")))
+                    await self.ws.send_str(encode(message))
                 except (ConnectionError, RuntimeError):
                     return
 
-    def stats_message(self) -> dict[str, Any]:
+    def stats_message(self) -> StatsMessage:
         now = time.perf_counter()
         c = self.counters
         elapsed = max(now - self.last_stats, 1e-6)
         fps = (c.processed - self.processed_at_last_stats) / elapsed
         self.processed_at_last_stats, self.last_stats = c.processed, now
         recent = list(self.latencies)
-        return {
-            "type": "stats",
-            "received": c.received,
-            "processed": c.processed,
-            "dropped": c.dropped,
-            "dropped_replaced": c.replaced,
-            "dropped_over_fps": c.over_fps,
-            "dropped_busy": c.busy,
-            "bad_frames": c.bad,
-            "results_dropped": c.results_dropped,
-            "fps": round(fps, 2),
-            "latency_ms": {"p50": percentile(recent, 50), "p99": percentile(recent, 99)},
-            "max_fps": self.max_fps,
-            "state": self.policy.state,
-        }
+        return StatsMessage(
+            received=c.received,
+            processed=c.processed,
+            dropped=c.dropped,
+            dropped_replaced=c.replaced,
+            dropped_over_fps=c.over_fps,
+            dropped_busy=c.busy,
+            bad_frames=c.bad,
+            results_dropped=c.results_dropped,
+            fps=round(fps, 2),
+            latency_ms=Latency(p50=percentile(recent, 50), p99=percentile(recent, 99)),
+            max_fps=self.max_fps,
+            state=self.policy.state,
+        )
 
     async def stats_ticker(self) -> None:
         while not self.ws.closed:
@@ -309,33 +246,25 @@ class Stream:
     # ------------------------------------------------------------ incoming messages
 
     def on_text(self, text: str) -> None:
-        try:
-            message = json.loads(text)
-        except json.JSONDecodeError:
-            self.bad_message("text message is not JSON")
-            return
-        kind = message.get("type") if isinstance(message, dict) else None
-        if kind == "config":
-            self.on_config(message)
-        elif kind == "frame":
-            seq, ts = message.get("seq"), message.get("ts")
-            if isinstance(seq, bool) or not isinstance(seq, int):
-                self.bad_message("'seq' of a frame message must be an integer")
-                return
-            self.next_tag = (seq, ts)
-        else:
-            self.bad_message(f"unknown message type {kind!r}")
-
-    def on_config(self, message: dict[str, Any]) -> None:
         s = self.settings
         try:
-            self.config = parse_config(message, s.det_threshold, s.max_size, s.stream_max_fps)
+            message = decode_client_message(text, s.det_threshold, s.max_size, s.stream_max_fps)
         except BadConfig as exc:
             self.request_close(CLOSE_POLICY, f"bad config: {exc}")
             return
-        reply: dict[str, Any] = {"type": "config", "max_fps": self.max_fps}
-        if self.config.warnings:
-            reply["warnings"] = list(self.config.warnings)
+        except BadMessage as exc:
+            self.bad_message(str(exc))
+            return
+        if isinstance(message, StreamConfig):
+            self.on_config(message)
+        else:
+            self.next_tag = (message.seq, message.ts)
+
+    def on_config(self, config: StreamConfig) -> None:
+        self.config = config
+        reply = ConfigAck(max_fps=self.max_fps)
+        if config.warnings:
+            reply.warnings = list(config.warnings)
         self.enqueue(reply)
         self.enqueue(self.status_message())
 
@@ -348,7 +277,7 @@ class Stream:
                 CLOSE_POLICY, f"more than {self.settings.stream_max_bad_frames} bad frames: {error}"
             )
             return
-        self.enqueue({"type": "error", "seq": seq, "error": error})
+        self.enqueue(ErrorMessage(seq=seq, error=error))
 
     def on_frame(self, data: bytes) -> None:
         now = time.perf_counter()
@@ -378,8 +307,8 @@ class Stream:
 
     async def worker(self) -> None:
         loop = asyncio.get_running_loop()
-        decoder = self.app[state.DECODER]
-        executor = self.app[state.EXECUTOR]
+        decoder = self.deps.decoder
+        executor = self.deps.executor
         while not self.ws.closed:
             await self.frame_ready.wait()
             self.frame_ready.clear()
@@ -418,23 +347,22 @@ class Stream:
             self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
 
     async def analyze(self, img: Any) -> ImageResult:
-        analyzer = self.app[state.ANALYZER]
-        if self.config.mapping["embed_only"]:
+        analyzer = self.deps.analyzer
+        if self.config.request.embed_only:
             return await analyzer.embed_only(img, source="stream")
         return await analyzer.analyze(img, self.config.options)
 
-    def result_message(self, frame: Frame, result: ImageResult, took_ms: float) -> dict[str, Any]:
-        mapping = self.config.mapping
-        message: dict[str, Any] = {
-            "type": "result",
-            "seq": frame.seq,
-            "ts": frame.ts,
-            "took_ms": round(took_ms, 3),
-            "latency_ms": round((time.perf_counter() - frame.received) * 1e3, 3),
-            "faces": [face_to_dict(face, i, mapping) for i, face in enumerate(result.faces)],
-        }
-        if mapping["verbose_timings"]:
-            message["took"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
+    def result_message(self, frame: Frame, result: ImageResult, took_ms: float) -> ResultMessage:
+        request = self.config.request
+        message = ResultMessage(
+            seq=frame.seq,
+            ts=frame.ts,
+            took_ms=round(took_ms, 3),
+            latency_ms=round((time.perf_counter() - frame.received) * 1e3, 3),
+            faces=[face_out(face, i, request) for i, face in enumerate(result.faces)],
+        )
+        if request.verbose_timings:
+            message.took = {k: round(v, 3) for k, v in result.timings_ms.items()}
         return message
 
     # ------------------------------------------------------------ lifetime
@@ -467,104 +395,3 @@ class Stream:
             await asyncio.gather(self.closer, return_exceptions=True)
         if not self.ws.closed:
             await self.ws.close()
-
-
-async def stream_handler(request: web.Request) -> web.WebSocketResponse:
-    app = request.app
-    settings = app[state.SETTINGS]
-    registry = app[STREAMS]
-    metrics = app[STREAM_METRICS]
-    ws = web.WebSocketResponse(
-        heartbeat=settings.stream_heartbeat_s, max_msg_size=settings.max_frame_bytes
-    )
-    await ws.prepare(request)
-    refusal = admission_refusal(app)
-    if refusal is not None:
-        log.info("stream_refused", reason=refusal)
-        metrics.closed.labels(str(int(CLOSE_TRY_AGAIN))).inc()
-        await ws.close(code=CLOSE_TRY_AGAIN, message=refusal.encode()[:123])
-        return ws
-    stream_id = f"s{next(registry.ids)}"
-    stream = Stream(app, ws, stream_id)
-    registry.streams[stream_id] = stream
-    metrics.active.inc()
-    structlog.contextvars.bind_contextvars(stream_id=stream_id)
-    log.info("stream_opened", remote=request.remote, active=len(registry.streams))
-    try:
-        await stream.run()
-    finally:
-        # Bookkeeping first and without awaiting: a handler cancelled because the peer
-        # vanished must still leave the registry, the gauge and the log right.
-        registry.streams.pop(stream_id, None)
-        metrics.active.dec()
-        for task in stream.tasks:
-            task.cancel()
-        # Our own code when we closed; otherwise the peer's.
-        code = stream.close_code or ws.close_code or WSCloseCode.ABNORMAL_CLOSURE
-        metrics.closed.labels(str(int(code))).inc()
-        c = stream.counters
-        log.info(
-            "stream_closed",
-            code=int(code),
-            received=c.received,
-            processed=c.processed,
-            dropped=c.dropped,
-            bad_frames=c.bad,
-            results_dropped=c.results_dropped,
-        )
-        structlog.contextvars.unbind_contextvars("stream_id")
-        await stream.stop()
-    return ws
-
-
-def admission_refusal(app: web.Application) -> str | None:
-    """Why a new stream must be refused now (closed with 1013), or None."""
-    settings = app[state.SETTINGS]
-    registry = app[STREAMS]
-    policy = app[state.POLICY].current
-    if registry.shutting_down:
-        return "the appliance is shutting down"
-    if policy.inference_paused or not policy.accept_new_streams:
-        return f"not accepting new streams: device is {policy.state}"
-    if len(registry.streams) >= settings.max_streams:
-        return f"too many streams: MAX_STREAMS is {settings.max_streams}"
-    return None
-
-
-async def close_streams_on_shutdown(app: web.Application) -> None:
-    """on_shutdown runs before the cleanup contexts stop the batchers: say goodbye first."""
-    registry = app[STREAMS]
-    registry.shutting_down = True
-    streams = list(registry.streams.values())
-    for stream in streams:
-        stream.request_close(CLOSE_SHUTDOWN, "server shutdown")
-    await asyncio.gather(
-        *(s.closer for s in streams if s.closer is not None), return_exceptions=True
-    )
-
-
-async def policy_subscription_ctx(app: web.Application) -> AsyncIterator[None]:
-    unsubscribe: Callable[[], None] = app[state.POLICY].subscribe(app[STREAMS].on_policy)
-    yield
-    unsubscribe()
-
-
-async def index(request: web.Request) -> web.FileResponse:
-    return web.FileResponse(STATIC_DIR / "index.html")
-
-
-def setup_streams(app: web.Application) -> None:
-    """Register /ws/stream, the live view page and the stream state of this app."""
-    registry = StreamRegistry()
-    app[STREAMS] = registry
-    app[STREAM_METRICS] = StreamMetrics(app[state.METRICS])
-    app[state.INFO_PROVIDERS]["streams"] = lambda: {
-        "active": len(registry.streams),
-        "max_streams": app[state.SETTINGS].max_streams,
-        "stream_max_fps": app[state.SETTINGS].stream_max_fps,
-    }
-    app.cleanup_ctx.append(policy_subscription_ctx)
-    app.on_shutdown.append(close_streams_on_shutdown)
-    app.router.add_get("/ws/stream", stream_handler, name="ws_stream")
-    app.router.add_get("/", index, name="live_view")
-    app.router.add_static("/static/", STATIC_DIR, name="static")
