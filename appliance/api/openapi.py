@@ -116,6 +116,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         return {"description": description, "content": {"application/json": {"schema": ref(name)}}}
 
     public: dict[str, Any] = {"security": []}
+    html_ok = {"200": {"description": "HTML page", "content": {"text/html": {}}}}
     ws_doc = "; ".join(f"{code} {why}" for code, why in CLOSE_CODES.items())
     spec: dict[str, Any] = {
         "openapi": "3.1.0",
@@ -194,6 +195,35 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                             "content": {"text/plain": {"schema": {"type": "string"}}},
                         }
                     },
+                }
+            },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This description (OpenAPI 3.1)",
+                    **public,
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI document",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/docs": {
+                "get": {
+                    "operationId": "docs",
+                    "summary": "Swagger UI",
+                    **public,
+                    "responses": html_ok,
+                }
+            },
+            "/": {
+                "get": {
+                    "operationId": "live_view",
+                    "summary": "The live view page (webcam through /ws/stream)",
+                    **public,
+                    "responses": html_ok,
                 }
             },
             "/ws/stream": {

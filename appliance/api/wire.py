@@ -95,8 +95,11 @@ class ExtractOptions(Struct, kw_only=True):
         dict[str, str], Meta(description="headers sent when fetching images.urls")
     ] = {}
     max_size: Annotated[
-        tuple[Side, Side] | str | None,
-        Meta(description="[width, height] (or 'w,h') to detect at, at most MAX_SIZE"),
+        tuple[Side, Side] | str | Literal[0] | None,
+        Meta(
+            description="[width, height] (or 'w,h') to detect at, at most MAX_SIZE; "
+            "0 (InsightFace-REST's 'do not resize') means MAX_SIZE"
+        ),
     ] = None
     subpixel: Annotated[
         bool,
@@ -110,13 +113,14 @@ class ExtractOptions(Struct, kw_only=True):
     def resolved_max_size(self, limit: tuple[int, int]) -> tuple[int, int] | None:
         """`max_size` as (w, h) within 32..MAX_SIZE; ValueError says what is wrong."""
         size = self.max_size
-        if size is None:
+        if size is None or size == 0:
             return None
         if isinstance(size, str):
             parts = size.split(",")
             if len(parts) != 2 or not all(p.strip().isdigit() for p in parts):
                 raise ValueError("'max_size' must be [width, height] or 'width,height'")
             size = (int(parts[0]), int(parts[1]))
+        assert not isinstance(size, int)
         w, h = size
         if not (32 <= w <= limit[0] and 32 <= h <= limit[1]):
             raise ValueError(
