@@ -84,7 +84,8 @@ def decode_typed(
         return decoder.decode(raw), keys
     except msgspec.ValidationError as exc:
         raise validation_error(exc) from None
-    except msgspec.DecodeError as exc:
+    except (msgspec.DecodeError, UnicodeDecodeError) as exc:
+        # msgspec's msgpack decoder reports invalid UTF-8 (a lone surrogate) as the latter.
         raise BadRequest(f"body is not valid {what}: {exc}", code=invalid_code) from None
     except RecursionError:
         raise BadRequest(
