@@ -66,9 +66,7 @@ def msgpack_map(extra: bytes, entries: int) -> bytes:
 MSGPACK_CASES = {
     # str8 key holding the UTF-8 encoding of a lone surrogate (invalid UTF-8).
     "lone surrogate key": msgpack_map(b"\xd9\x03\xed\xa0\x80" + msgpack.packb(1), 2),
-    "uint64 max limit_faces": msgpack_map(
-        msgpack.packb("limit_faces") + b"\xcf" + b"\xff" * 8, 2
-    ),
+    "uint64 max limit_faces": msgpack_map(msgpack.packb("limit_faces") + b"\xcf" + b"\xff" * 8, 2),
     "inf threshold": msgpack_map(msgpack.packb("threshold") + msgpack.packb(float("inf")), 2),
     "deep nesting": msgpack_map(msgpack.packb("x") + b"\x91" * 10_000 + b"\xc0", 2),
 }
@@ -77,9 +75,7 @@ MSGPACK_CASES = {
 @pytest.mark.parametrize("body", MSGPACK_CASES.values(), ids=MSGPACK_CASES.keys())
 async def test_malformed_msgpack_is_a_4xx_json_error(serve: Any, body: bytes) -> None:
     client = await serve()
-    resp = await client.post(
-        "/extract", data=body, headers={"Content-Type": "application/msgpack"}
-    )
+    resp = await client.post("/extract", data=body, headers={"Content-Type": "application/msgpack"})
     assert 400 <= resp.status < 500
     assert (await resp.json())["error"]["code"] in {"invalid_msgpack", "invalid_field"}
 
