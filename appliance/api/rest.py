@@ -20,8 +20,9 @@ from appliance.api.errors import (
     ServiceUnavailable,
     Unprocessable,
 )
+from appliance.api.face_wire import DEMO_WARNING, image_entry, unavailable_warnings
 from appliance.api.request_body import ParsedExtract, decode_base64, read_extract, read_multipart
-from appliance.api.responses import DEMO_WARNING, image_entry, respond, unavailable_warnings
+from appliance.api.responses import respond
 from appliance.api.urls import fetch_image
 from appliance.api.wire import ExtractResponse, Took
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError

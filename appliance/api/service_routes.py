@@ -9,7 +9,8 @@ from aiohttp import web
 
 from appliance import __version__
 from appliance.api import state
-from appliance.api.responses import DEMO_WARNING, respond
+from appliance.api.face_wire import DEMO_WARNING
+from appliance.api.responses import respond
 from appliance.api.wire import InfoResponse, Liveness, ModelsInfo, Readiness, encode_json
 
 routes = web.RouteTableDef()

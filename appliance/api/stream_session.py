@@ -29,9 +29,9 @@ import numpy as np
 import structlog
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
+from appliance.api.face_wire import face_out
 from appliance.api.metrics import StreamMetrics
 from appliance.api.policy import LoadPolicy
-from appliance.api.responses import face_out
 from appliance.api.stream_protocol import (
     BadConfig,
     BadMessage,
