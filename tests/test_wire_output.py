@@ -63,3 +63,37 @@ async def test_real_models_carry_no_demo_flag(serve: Any) -> None:
     ready = await (await client.get("/health/ready")).json()
     assert "demo" not in ready
     assert (await (await client.get("/info")).json())["demo"] is False
+
+
+async def test_large_answers_are_encoded_off_the_event_loop(
+    serve: Any, tmp_path: Path, monkeypatch: Any
+) -> None:
+    import threading
+
+    from appliance.api import responses
+    from appliance.models.demo import PlantedFace
+    from tests.conftest import write_models
+
+    # 20 faces: more than OFFLOAD_FACES in one answer.
+    many = tuple(
+        PlantedFace.square(40 + 120 * (i % 5), 40 + 140 * (i // 5), 48, score=0.9)
+        for i in range(20)
+    )
+    models = write_models(tmp_path, many)
+    threads: list[str] = []
+    real = responses.encode_json
+
+    def spy(value: Any) -> bytes:
+        threads.append(threading.current_thread().name)
+        return real(value)
+
+    monkeypatch.setattr(responses, "encode_json", spy)
+    client = await serve(models_dir=models)
+    images = {"data": [b64(jpeg(640, 640))]}
+    big = await (await client.post("/extract", json={"images": images})).json()
+    assert len(big["data"][0]["faces"]) == 20 > responses.OFFLOAD_FACES
+    small = await client.post("/extract", json={"images": images, "limit_faces": 3})
+    assert len((await small.json())["data"][0]["faces"]) == 3
+    loop_thread = threading.current_thread().name  # the test and the server share the loop
+    assert threads[0] != loop_thread and threads[0].startswith("cpu")
+    assert threads[1] == loop_thread

@@ -24,16 +24,27 @@ def wants_msgpack(request: web.Request, asked: bool) -> bool:
 
 
 async def respond(
-    request: web.Request, payload: Any, use_msgpack: bool, faces: int = 0, status: int = 200
+    request: web.Request,
+    payload: Any,
+    use_msgpack: bool,
+    faces: int = 0,
+    status: int = 200,
 ) -> web.Response:
-    """Encode a wire type as JSON or msgpack; large payloads off the event loop."""
+    """Encode a wire type (or what a zero-argument builder returns) as JSON or msgpack.
+
+    With more than OFFLOAD_FACES faces, building and encoding both run in the executor: the
+    per-face work (numpy rounding, 512 floats to text) is what grows with the answer.
+    """
     as_msgpack = wants_msgpack(request, use_msgpack)
     encode = encode_msgpack if as_msgpack else encode_json
+
+    def work() -> bytes:
+        return encode(payload() if callable(payload) else payload)
+
     if faces > OFFLOAD_FACES:
-        loop = asyncio.get_running_loop()
-        body = await loop.run_in_executor(request.app[state.EXECUTOR], encode, payload)
+        body = await asyncio.get_running_loop().run_in_executor(request.app[state.EXECUTOR], work)
     else:
-        body = encode(payload)
+        body = work()
     return web.Response(
         body=body,
         status=status,

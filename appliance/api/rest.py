@@ -140,17 +140,23 @@ async def extract_response(request: web.Request, req: ParsedExtract) -> web.Resp
     start = time.perf_counter()
     results = await run_analysis(request.app, req)
     metrics = request.app[state.METRICS]
-    entries = [image_entry(result, req.request, metrics) for _, result in results]
-    payload = ExtractResponse(took=Took(total_ms=0.0), data=entries)
     warnings = [*req.warnings, *unavailable_warnings(req.request)]
-    if request.app[state.MODELS].demo:
-        payload.demo = True
+    demo = request.app[state.MODELS].demo
+    if demo:
         warnings.append(DEMO_WARNING)
-    if warnings:
-        payload.warnings = warnings
-    payload.took.total_ms = round((time.perf_counter() - start) * 1e3, 3)
+    total_ms = round((time.perf_counter() - start) * 1e3, 3)
+
+    def build() -> ExtractResponse:
+        entries = [image_entry(result, req.request, metrics) for _, result in results]
+        payload = ExtractResponse(took=Took(total_ms=total_ms), data=entries)
+        if demo:
+            payload.demo = True
+        if warnings:
+            payload.warnings = warnings
+        return payload
+
     faces = sum(len(r.faces) for _, r in results if isinstance(r, ImageResult))
-    return await respond(request, payload, req.request.msgpack, faces=faces)
+    return await respond(request, build, req.request.msgpack, faces=faces)
 
 
 async def draw_response(request: web.Request, req: ParsedExtract) -> web.Response:
