@@ -202,7 +202,9 @@ class StreamClient:
             raise ValueError(f"stream config: {exc}") from None
         await self._socket().send_json(message)
 
-    async def send_frame(self, data: bytes, seq: int | None = None, ts: float | int | str | None = None) -> int:
+    async def send_frame(
+        self, data: bytes, seq: int | None = None, ts: float | int | str | None = None
+    ) -> int:
         """Send one JPEG/PNG frame, tagged with `seq` (default: the next number) and `ts`."""
         if self.closed is not None:
             raise self.closed

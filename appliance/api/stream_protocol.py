@@ -100,6 +100,7 @@ CLOSE_CODES = {
     1001: "server shutdown",
     1008: "policy violation: bad config, or more than STREAM_MAX_BAD_FRAMES bad frames/messages",
     1009: "a frame over MAX_FRAME_BYTES",
+    1011: "internal error (a bug; the appliance log has it)",
     1013: "try again later: MAX_STREAMS reached, or the governor sheds streams",
 }
 

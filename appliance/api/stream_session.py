@@ -1,17 +1,10 @@
-"""One live stream: three tasks around one WebSocket, plus a stats ticker (docs/STREAMS.md).
+"""One live stream: a reader, a worker and a writer around one WebSocket (docs/STREAMS.md).
 
-* the reader (`run`, the request handler's own task) takes config/tag/frame messages and puts
-  each frame into the stream's single *waiting* slot; a newer frame replaces the waiting one
-  (latest-frame-wins), so a fast sender never builds a backlog;
-* the worker takes the waiting frame no sooner than the fps cap allows, decodes it in the
-  executor and runs it through the shared batchers (tag "stream"), so at most one frame per
-  stream is in flight;
-* the writer drains a bounded send queue; if the client does not read, the oldest queued
-  results are dropped and counted, so a slow reader stalls neither inference nor other
-  streams.
-
-The session knows no app: what it needs is handed to it (`StreamDeps`), so the wiring
-(`api/live_view.py`) stays the only place that reads the app's state.
+The reader (`run`) puts each frame into the single *waiting* slot, where a newer frame replaces
+it (latest-frame-wins); the worker takes it no sooner than the fps cap allows and runs it
+through the shared batchers, so at most one frame per stream is in flight; the writer drains a
+bounded outbox, dropping the oldest results of a client that does not read. The session knows
+no app: what it needs is handed in (`StreamDeps`); `api/live_view.py` wires it.
 """
 
 from __future__ import annotations
@@ -61,6 +54,7 @@ CLOSE_SHUTDOWN = WSCloseCode.GOING_AWAY  # 1001
 CLOSE_POLICY = WSCloseCode.POLICY_VIOLATION  # 1008
 CLOSE_TOO_BIG = WSCloseCode.MESSAGE_TOO_BIG  # 1009
 CLOSE_TRY_AGAIN = WSCloseCode.TRY_AGAIN_LATER  # 1013
+CLOSE_INTERNAL = WSCloseCode.INTERNAL_ERROR  # 1011
 
 
 @dataclasses.dataclass(frozen=True)
@@ -338,6 +332,10 @@ class Stream:
                 continue
             except BatcherClosedError:
                 return
+            except Exception:
+                log.exception("stream_frame_failed", stream_id=self.id, seq=frame.seq)
+                self.request_close(CLOSE_INTERNAL, "internal error; see the appliance log")
+                return
             done = time.perf_counter()
             latency = done - frame.received
             self.counters.processed += 1
@@ -373,11 +371,16 @@ class Stream:
             self.spawn(coro)
         self.enqueue(self.status_message())
         async for msg in self.ws:
-            if msg.type == WSMsgType.BINARY:
-                self.on_frame(msg.data)
-            elif msg.type == WSMsgType.TEXT:
-                self.on_text(msg.data)
-            elif msg.type == WSMsgType.ERROR:
+            try:
+                if msg.type == WSMsgType.BINARY:
+                    self.on_frame(msg.data)
+                elif msg.type == WSMsgType.TEXT:
+                    self.on_text(msg.data)
+            except Exception:
+                # A bug, not the client's doing: say so with 1011, never a normal 1000 close.
+                log.exception("stream_message_failed", stream_id=self.id)
+                self.request_close(CLOSE_INTERNAL, "internal error; see the appliance log")
+            if msg.type == WSMsgType.ERROR:
                 # aiohttp has already answered an oversize frame with 1009 and closed.
                 if isinstance(msg.data, WebSocketError):
                     self.close_code = msg.data.code
