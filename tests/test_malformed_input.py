@@ -42,6 +42,7 @@ JSON_CASES = {
     + IMAGE.encode()
     + b'"]}, "msgpack": true, "\\ud800x": 1}',
     "lone surrogate in a value": body_with(b"api_ver", b'"\\udfff"'),
+    "no images at all": b'{"threshold": 0.5}',
 }
 
 

@@ -17,7 +17,7 @@ import msgspec
 from aiohttp import BodyPartReader, web
 
 from appliance.api.errors import BadRequest, UnsupportedMediaType
-from appliance.api.wire import ExtractOptions, ExtractRequest, ImageData, dec_hook, known_fields
+from appliance.api.wire import ExtractOptions, ExtractRequest, dec_hook, known_fields
 from appliance.config import Settings
 from appliance.pipeline.faces import AnalyzeOptions
 
@@ -66,6 +66,8 @@ def unknown_field_warnings(names: Iterable[str], known: frozenset[str]) -> tuple
 
 def validation_error(exc: msgspec.ValidationError) -> BadRequest:
     message = str(exc)
+    if "missing required field" in message:
+        return BadRequest(message, code="invalid_field")
     if " - at `$." not in message and " - at `$[" not in message:
         return BadRequest(f"request body must be an object: {message}", code="invalid_body")
     return BadRequest(message.replace("`$.", "`"), code="invalid_field")
@@ -200,6 +202,3 @@ def decode_base64(item: str | bytes) -> bytes:
         return base64.b64decode(text, validate=True)
     except (binascii.Error, ValueError):
         raise BadRequest("image is not valid base64", code="invalid_base64") from None
-
-
-__all__ = ["ImageData", "ParsedExtract", "decode_base64", "read_extract", "read_multipart"]
