@@ -17,7 +17,13 @@ import msgspec
 from aiohttp import BodyPartReader, web
 
 from appliance.api.errors import BadRequest, UnsupportedMediaType
-from appliance.api.wire import ExtractOptions, ExtractRequest, dec_hook, known_fields
+from appliance.api.wire import (
+    ExtractOptions,
+    ExtractRequest,
+    dec_hook,
+    known_fields,
+    unknown_field_warnings,
+)
 from appliance.config import Settings
 from appliance.pipeline.faces import AnalyzeOptions
 
@@ -53,15 +59,6 @@ class ParsedExtract:
 
     def options(self, source: str = "rest") -> AnalyzeOptions:
         return self.request.analyze_options(self.threshold, self.max_size, source)
-
-
-def printable(text: str) -> str:
-    """Text safe for every encoder: lone surrogates become backslash escapes."""
-    return text.encode("utf-8", "backslashreplace").decode("utf-8")
-
-
-def unknown_field_warnings(names: Iterable[str], known: frozenset[str]) -> tuple[str, ...]:
-    return tuple(f"unknown field '{printable(n)}' ignored" for n in sorted(set(names) - known))
 
 
 def validation_error(exc: msgspec.ValidationError) -> BadRequest:
@@ -118,14 +115,13 @@ def resolve(
     urls: list[str],
     keys: Iterable[str],
     settings: Settings,
-    extra_known: frozenset[str] = frozenset(),
 ) -> ParsedExtract:
     try:
         max_size = req.resolved_max_size(settings.max_size)
     except ValueError as exc:
         raise BadRequest(str(exc), code="invalid_field") from None
     threshold = settings.det_threshold if req.threshold is None else req.threshold
-    known = known_fields(ExtractRequest) | extra_known
+    known = known_fields(ExtractRequest)
     return ParsedExtract(req, data, urls, max_size, threshold, unknown_field_warnings(keys, known))
 
 

@@ -15,7 +15,12 @@ from typing import Annotated, Any
 import msgspec
 from msgspec import UNSET, Meta, Struct, UnsetType
 
-from appliance.api.wire import ExtractOptions, FaceOut, dec_hook, known_fields
+from appliance.api.wire import (
+    ExtractOptions,
+    FaceOut,
+    dec_hook,
+    known_fields,
+)
 from appliance.pipeline.faces import AnalyzeOptions
 
 Timestamp = Annotated[

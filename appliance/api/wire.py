@@ -13,6 +13,7 @@ rejected field. The WebSocket messages live in `api/stream_protocol.py`.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from typing import Annotated, Any, Literal
 
 import msgspec
@@ -240,6 +241,14 @@ RESPONSE_TYPES: tuple[type, ...] = (
 
 def known_fields(struct: type[Struct]) -> frozenset[str]:
     return frozenset(struct.__struct_fields__)
+
+
+def unknown_field_warnings(names: Iterable[str], known: frozenset[str]) -> tuple[str, ...]:
+    """One warning per unknown field, lone surrogates escaped so every encoder takes it."""
+    return tuple(
+        f"unknown field '{n.encode('utf-8', 'backslashreplace').decode()}' ignored"
+        for n in sorted(set(names) - known)
+    )
 
 
 def encode_json(value: Any) -> bytes:
