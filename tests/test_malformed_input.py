@@ -4,12 +4,27 @@ serving afterwards."""
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import aiohttp
 import msgpack
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
+from appliance.api.errors import BadRequest
+from appliance.api.request_body import parse_body
+from appliance.api.stream_protocol import (
+    BadConfig,
+    BadMessage,
+    ConfigMessage,
+    FrameTag,
+    StreamConfig,
+    decode_client_message,
+)
+from appliance.api.wire import ExtractRequest
+from appliance.config import load_settings
 from tests.helpers import b64, jpeg
 from tests.stream_fixtures import close_message, receive_until
 
@@ -17,6 +32,7 @@ IMAGE = b64(jpeg(160, 120))
 DEEP = b"[" * 10_000 + b"]" * 10_000
 HUGE_INT = b"9" * 4_400  # past CPython's 4300-digit int() limit
 INT_400 = b"1" + b"0" * 400  # overflows float() and any int64
+SETTINGS = load_settings(env={})
 
 
 def body_with(field: bytes, value: bytes) -> bytes:
@@ -43,6 +59,9 @@ JSON_CASES = {
     + b'"]}, "msgpack": true, "\\ud800x": 1}',
     "lone surrogate in a value": body_with(b"api_ver", b'"\\udfff"'),
     "no images at all": b'{"threshold": 0.5}',
+    "a number as an image": b'{"images": {"data": [1]}}',
+    "null as an image": b'{"images": {"data": [null]}}',
+    "an object as an image": b'{"images": {"data": [{"a": 1}]}}',
 }
 
 
@@ -70,6 +89,7 @@ MSGPACK_CASES = {
     "uint64 max limit_faces": msgpack_map(msgpack.packb("limit_faces") + b"\xcf" + b"\xff" * 8, 2),
     "inf threshold": msgpack_map(msgpack.packb("threshold") + msgpack.packb(float("inf")), 2),
     "deep nesting": msgpack_map(msgpack.packb("x") + b"\x91" * 10_000 + b"\xc0", 2),
+    "an integer as an image": msgpack.packb({"images": {"data": [7]}}),
 }
 
 
@@ -170,3 +190,57 @@ async def test_malformed_stream_config_closes_with_1008(serve: Any, text: str) -
         _, reason = await close_message(ws)
         assert ws.close_code == 1008
         assert reason.startswith("bad config: ")
+
+
+# Any JSON value in any field, known or not: the parser answers a result or a BadRequest,
+# never another exception (which the middleware would turn into a 500).
+json_values = st.recursive(
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**63), 2**63 - 1)  # msgpack has no wider ints; JSON ones: cases above
+    | st.floats(allow_nan=False)
+    | st.text()
+    | st.sampled_from(["1e400", "9" * 500, "640,640", "true", "0"]),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(), inner, max_size=4),
+    max_leaves=12,
+)
+fields = st.sampled_from([*ExtractRequest.__struct_fields__, "colour", "images.data", ""])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    body=st.dictionaries(fields, json_values, max_size=6),
+    images=st.one_of(json_values, st.just({"data": [IMAGE]})),
+    as_msgpack=st.booleans(),
+)
+def test_any_body_is_parsed_or_refused_with_a_400(
+    body: dict[str, Any], images: Any, as_msgpack: bool
+) -> None:
+    payload = {"images": images, **body}
+    raw = msgpack.packb(payload) if as_msgpack else json.dumps(payload).encode()
+    try:
+        parsed = parse_body(raw, as_msgpack, SETTINGS)
+    except BadRequest as exc:
+        assert (exc.status == 400 and exc.code.startswith("invalid_")) or exc.code in {
+            "no_images",
+            "too_many_images",
+        }
+    else:
+        assert parsed.count >= 1 and 0 <= parsed.threshold <= 1
+
+
+stream_fields = st.sampled_from([*ConfigMessage.__struct_fields__, "type", "seq", "ts", "x"])
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    kind=st.sampled_from(["config", "frame", "other", None]),
+    body=st.dictionaries(stream_fields, json_values, max_size=6),
+)
+def test_any_stream_message_is_decoded_or_refused(kind: str | None, body: dict[str, Any]) -> None:
+    message = {**body, "type": kind} if kind is not None else body
+    try:
+        decoded = decode_client_message(json.dumps(message), 0.6, (640, 640), 30.0)
+    except (BadConfig, BadMessage):
+        return
+    assert isinstance(decoded, (StreamConfig, FrameTag))

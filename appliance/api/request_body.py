@@ -132,10 +132,14 @@ async def read_extract(request: web.Request, settings: Settings) -> ParsedExtrac
         raise UnsupportedMediaType(
             f"Content-Type {ctype!r} is not accepted; send application/json or application/msgpack"
         )
-    raw = await request.read()
+    return parse_body(await request.read(), ctype in MSGPACK_TYPES, settings)
+
+
+def parse_body(raw: bytes, is_msgpack: bool, settings: Settings) -> ParsedExtract:
+    """The bytes of a JSON or msgpack body -> ParsedExtract; anything wrong -> BadRequest."""
     if not raw:
         raise BadRequest("request body is empty", code="invalid_body")
-    if ctype in MSGPACK_TYPES:
+    if is_msgpack:
         req, keys = decode_typed(raw, _msgpack_keys, _msgpack_extract, "invalid_msgpack", "msgpack")
     else:
         req, keys = decode_typed(raw, _json_keys, _json_extract, "invalid_json", "JSON")

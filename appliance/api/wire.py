@@ -49,9 +49,12 @@ class ImageData:
 
 
 def dec_hook(kind: type, obj: Any) -> Any:
-    if kind is ImageData and isinstance(obj, (str, bytes)):
-        return ImageData(obj)
-    raise NotImplementedError(f"{kind} from {type(obj).__name__}")
+    # msgspec turns a TypeError raised here into a ValidationError that names the field.
+    if kind is ImageData:
+        if isinstance(obj, (str, bytes)):
+            return ImageData(obj)
+        raise TypeError(f"Expected base64 `str` (or msgpack `bin`), got `{type(obj).__name__}`")
+    raise TypeError(f"no decoder for {kind.__name__}")
 
 
 def schema_hook(kind: type) -> dict[str, Any]:
