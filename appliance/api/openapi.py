@@ -66,9 +66,10 @@ def ref(name: str) -> dict[str, str]:
 def component_schemas(settings: Settings) -> dict[str, Any]:
     types = (*REQUEST_TYPES, *RESPONSE_TYPES, *CLIENT_TYPES, *SERVER_TYPES)
     _, components = msgspec.json.schema_components(types, schema_hook=schema_hook, ref_template=REF)
-    # The one default that comes from the settings rather than the type.
+    # The defaults that come from the settings rather than the type.
     for name in ("ExtractRequest", "ConfigMessage"):
         components[name]["properties"]["threshold"]["default"] = settings.det_threshold
+    components["ConfigMessage"]["properties"]["max_fps"]["default"] = settings.stream_max_fps
     return components
 
 
