@@ -24,7 +24,11 @@ from types import TracebackType
 from typing import Any
 
 import aiohttp
+import msgspec
 import numpy as np
+
+from appliance.api.stream_protocol import ConfigMessage, FrameTag
+from appliance.api.wire import dec_hook
 
 # Recent round trips kept for the p50/p99 the summary shows.
 LATENCY_WINDOW = 1024
@@ -185,17 +189,29 @@ class StreamClient:
         self._listeners.append(callback)
 
     async def configure(self, config: dict[str, Any]) -> None:
-        """Send a config message: the /extract options plus `max_fps`."""
-        await self._socket().send_json({**config, "type": "config"})
+        """Send a config message: the /extract options plus `max_fps`.
 
-    async def send_frame(self, data: bytes, seq: int | None = None, ts: Any = None) -> int:
+        Checked against the protocol's `ConfigMessage` first (ValueError names the field), so a
+        typo'd value fails here rather than as a 1008 close; unknown keys still go to the
+        server, which reports them as warnings.
+        """
+        message = {**config, "type": "config"}
+        try:
+            msgspec.convert(message, ConfigMessage, strict=False, dec_hook=dec_hook)
+        except msgspec.ValidationError as exc:
+            raise ValueError(f"stream config: {exc}") from None
+        await self._socket().send_json(message)
+
+    async def send_frame(
+        self, data: bytes, seq: int | None = None, ts: float | int | str | None = None
+    ) -> int:
         """Send one JPEG/PNG frame, tagged with `seq` (default: the next number) and `ts`."""
         if self.closed is not None:
             raise self.closed
         ws = self._socket()
         self._seq = self._seq + 1 if seq is None else seq
         ts = time.time() if ts is None else ts
-        await ws.send_json({"type": "frame", "seq": self._seq, "ts": ts})
+        await ws.send_str(msgspec.json.encode(FrameTag(seq=self._seq, ts=ts)).decode())
         await ws.send_bytes(data)
         self._sent_at[self._seq] = time.perf_counter()
         if len(self._sent_at) > LATENCY_WINDOW:

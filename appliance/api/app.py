@@ -15,7 +15,7 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 from aiohttp import web
 
-from appliance.api import middleware, openapi, rest, state, stream
+from appliance.api import live_view, middleware, openapi, rest, service_routes, state
 from appliance.api.errors import StartupError
 from appliance.api.metrics import Metrics
 from appliance.api.policy import PolicyBoard
@@ -120,6 +120,7 @@ def create_app(settings: Settings) -> web.Application:
     app[state.POLICY] = PolicyBoard()
     app.cleanup_ctx.extend([executor_ctx, models_ctx, watchdog_ctx, url_session_ctx])
     app.add_routes(rest.routes)
-    app.add_routes(openapi.routes)
-    stream.setup_streams(app)
+    app.add_routes(service_routes.routes)
+    openapi.setup_docs(app)
+    live_view.setup_streams(app)
     return app

@@ -79,3 +79,31 @@ class Metrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class StreamMetrics:
+    """Stream counters, registered in the app's own Prometheus registry."""
+
+    def __init__(self, metrics: Metrics) -> None:
+        r = metrics.registry
+        self.active = Gauge("appliance_streams_active", "Open live streams", registry=r)
+        self.frames = Counter(
+            "appliance_stream_frames_total",
+            "Stream frames by outcome (processed, replaced, over_fps, busy, bad)",
+            ["outcome"],
+            registry=r,
+        )
+        self.results_dropped = Counter(
+            "appliance_stream_results_dropped_total",
+            "Results discarded because the client did not read them",
+            registry=r,
+        )
+        self.closed = Counter(
+            "appliance_streams_closed_total", "Streams closed, by close code", ["code"], registry=r
+        )
+        self.latency = Histogram(
+            "appliance_stream_latency_seconds",
+            "Frame received to result queued",
+            buckets=LATENCY_BUCKETS,
+            registry=r,
+        )

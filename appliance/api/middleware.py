@@ -13,6 +13,7 @@ from aiohttp.typedefs import Handler
 
 from appliance.api import state
 from appliance.api.errors import ApiError
+from appliance.api.responses import error_response
 
 log = structlog.get_logger("appliance.api")
 
@@ -32,14 +33,6 @@ REASONS = {
     503: "unavailable",
     504: "timeout",
 }
-
-
-def error_response(
-    status: int, code: str, message: str, headers: dict[str, str] | None = None
-) -> web.Response:
-    return web.json_response(
-        {"error": {"code": code, "message": message}}, status=status, headers=headers
-    )
 
 
 def _route_name(request: web.Request) -> str:
@@ -109,6 +102,7 @@ async def auth_middleware(request: web.Request, handler: Handler) -> web.StreamR
         request.path == "/"
         or request.path.startswith("/static/")
         or request.path in ("/docs", "/openapi.json")
+        or request.path.startswith("/docs/static/")
     ):
         return await handler(request)
     supplied = _bearer(request)

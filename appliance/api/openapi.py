@@ -1,274 +1,277 @@
-"""The OpenAPI 3 description of the REST API, and a self-contained /docs page.
+"""`/openapi.json` generated from the wire types, and Swagger UI at `/docs`, offline.
 
-The page renders the spec itself (no CDN): appliances often sit on networks without internet.
+The schemas come from the msgspec Structs in `api/wire.py` and `api/stream_protocol.py`
+(JSON Schema 2020-12, the dialect of OpenAPI 3.1), so the description cannot drift from what
+the decoders accept. Only the paths, status codes and examples are written here.
+
+Swagger UI's files come from the `swagger-ui-py` wheel (Swagger UI 5, which renders OpenAPI
+3.1; `swagger-ui-bundle` still ships 4.x, which refuses 3.1). No CDN: appliances often sit on
+networks without internet.
 """
 
 from __future__ import annotations
 
+import base64
+import importlib.util
+from pathlib import Path
 from typing import Any
 
+import msgspec
+import numpy as np
 from aiohttp import web
 
 from appliance import __version__
+from appliance.api import state
+from appliance.api.stream_protocol import CLIENT_TYPES, CLOSE_CODES, SERVER_TYPES
+from appliance.api.wire import (
+    REQUEST_TYPES,
+    RESPONSE_TYPES,
+    ExtractOptions,
+    known_fields,
+    schema_hook,
+)
+from appliance.config import Settings
+from appliance.pipeline.images import encode_jpeg
 
-routes = web.RouteTableDef()
+REF = "#/components/schemas/{name}"
+ERROR_STATUSES = {
+    "400": "invalid body or field (`invalid_json`, `invalid_field`, `no_images`...)",
+    "401": "missing or wrong bearer token",
+    "413": "body over MAX_BODY_BYTES",
+    "415": "wrong Content-Type",
+    "503": "overloaded or inference paused (Retry-After)",
+    "504": "slower than REQUEST_TIMEOUT_S",
+}
 
-_ERROR = {
-    "type": "object",
-    "properties": {
-        "error": {
-            "type": "object",
-            "properties": {"code": {"type": "string"}, "message": {"type": "string"}},
-            "required": ["code", "message"],
+
+def swagger_ui_dir() -> Path:
+    """The static files of the `swagger-ui-py` wheel, found without importing it (its
+    handlers import web frameworks this service does not use)."""
+    spec = importlib.util.find_spec("swagger_ui")
+    if spec is None or not spec.submodule_search_locations:
+        raise RuntimeError("swagger-ui-py is not installed (pip install swagger-ui-py)")
+    return Path(next(iter(spec.submodule_search_locations))) / "static"
+
+
+def example_image() -> str:
+    """A small grey JPEG: "Try it out" on /extract works as shipped (and finds no face)."""
+    grey = np.full((64, 64, 3), 128, dtype=np.uint8)
+    return base64.b64encode(encode_jpeg(grey)).decode("ascii")
+
+
+def ref(name: str) -> dict[str, str]:
+    return {"$ref": REF.format(name=name)}
+
+
+def component_schemas(settings: Settings) -> dict[str, Any]:
+    types = (*REQUEST_TYPES, *RESPONSE_TYPES, *CLIENT_TYPES, *SERVER_TYPES)
+    _, components = msgspec.json.schema_components(types, schema_hook=schema_hook, ref_template=REF)
+    # The defaults that come from the settings rather than the type.
+    for name in ("ExtractRequest", "ConfigMessage"):
+        components[name]["properties"]["threshold"]["default"] = settings.det_threshold
+    components["ConfigMessage"]["properties"]["max_fps"]["default"] = settings.stream_max_fps
+    return components
+
+
+def multipart_schema(components: dict[str, Any]) -> dict[str, Any]:
+    options = components["ExtractRequest"]["properties"]
+    properties: dict[str, Any] = {
+        "images": {
+            "type": "array",
+            "items": {"type": "string", "format": "binary"},
+            "description": "image files (repeat the field for several)",
         }
-    },
-}
-_IMAGES = {
-    "type": "object",
-    "properties": {
-        "data": {
-            "type": "array",
-            "items": {"type": "string", "format": "byte"},
-            "description": "base64 images",
-        },
-        "urls": {
-            "type": "array",
-            "items": {"type": "string", "format": "uri"},
-            "description": "needs ALLOW_URL_INPUTS=1",
-        },
-    },
-}
-_OPTIONS: dict[str, Any] = {
-    "threshold": {"type": "number", "default": 0.6, "minimum": 0, "maximum": 1},
-    "embed_only": {
-        "type": "boolean",
-        "default": False,
-        "description": "images are aligned 112x112 crops",
-    },
-    "return_face_data": {
-        "type": "boolean",
-        "default": False,
-        "description": "base64 JPEG of each aligned crop",
-    },
-    "return_landmarks": {"type": "boolean", "default": False},
-    "extract_embedding": {"type": "boolean", "default": True},
-    "extract_ga": {
-        "type": "boolean",
-        "default": False,
-        "description": "reported as null: no gender/age model",
-    },
-    "detect_masks": {
-        "type": "boolean",
-        "default": False,
-        "description": "reported as null: no mask model",
-    },
-    "limit_faces": {"type": "integer", "default": 0, "description": "0 = all faces"},
-    "min_face_size": {"type": "integer", "default": 0},
-    "verbose_timings": {"type": "boolean", "default": False},
-    "msgpack": {"type": "boolean", "default": False, "description": "answer in msgpack"},
-    "img_req_headers": {"type": "object", "additionalProperties": {"type": "string"}},
-    "max_size": {"type": "array", "items": {"type": "integer"}, "minItems": 2, "maxItems": 2},
-}
-_FACE = {
-    "type": "object",
-    "properties": {
-        "num_det": {"type": "integer"},
-        "prob": {"type": "number"},
-        "bbox": {"type": "array", "items": {"type": "integer"}, "description": "x1, y1, x2, y2"},
-        "size": {"type": "integer"},
-        "landmarks": {
-            "type": ["array", "null"],
-            "items": {"type": "array", "items": {"type": "integer"}},
-        },
-        "norm": {"type": ["number", "null"]},
-        "vec": {"type": ["array", "null"], "items": {"type": "number"}},
-        "facedata": {"type": ["string", "null"]},
-    },
-}
-_EXTRACT_RESPONSE = {
-    "type": "object",
-    "properties": {
-        "took": {"type": "object", "properties": {"total_ms": {"type": "number"}}},
-        "data": {
-            "type": "array",
-            "items": {
-                "type": "object",
-                "properties": {
-                    "status": {"type": "string", "enum": ["ok", "error"]},
-                    "took_ms": {"type": "number"},
-                    "faces": {"type": "array", "items": _FACE},
-                    "error": {"type": "string"},
-                    "code": {"type": "string"},
-                },
-            },
-        },
-        "warnings": {"type": "array", "items": {"type": "string"}},
-    },
-}
-
-
-def _errors(*codes: int) -> dict[str, Any]:
-    return {
-        str(c): {"description": "error", "content": {"application/json": {"schema": _ERROR}}}
-        for c in codes
     }
+    properties.update({k: v for k, v in options.items() if k in known_fields(ExtractOptions)})
+    return {"type": "object", "properties": properties, "required": ["images"]}
 
 
-def build_spec() -> dict[str, Any]:
+def build_spec(settings: Settings) -> dict[str, Any]:
+    components = component_schemas(settings)
+    error = {"application/json": {"schema": ref("ErrorResponse")}}
+    errors = {
+        code: {"description": text, "content": error} for code, text in ERROR_STATUSES.items()
+    }
+    extract_ok = {
+        "description": "one entry per image, in request order",
+        "content": {
+            "application/json": {"schema": ref("ExtractResponse")},
+            "application/msgpack": {"schema": ref("ExtractResponse")},
+        },
+    }
+    jpeg_ok = {"description": "the first image with boxes drawn", "content": {"image/jpeg": {}}}
+    example = {"images": {"data": [example_image()]}, "threshold": settings.det_threshold}
     body = {
         "required": True,
         "content": {
-            "application/json": {
-                "schema": {
-                    "type": "object",
-                    "required": ["images"],
-                    "properties": {"images": _IMAGES, **_OPTIONS},
-                }
-            },
-            "application/msgpack": {"schema": {"type": "object"}},
+            "application/json": {"schema": ref("ExtractRequest"), "example": example},
+            "application/msgpack": {"schema": ref("ExtractRequest")},
         },
     }
     multipart = {
         "required": True,
-        "content": {
-            "multipart/form-data": {
-                "schema": {
-                    "type": "object",
-                    "properties": {
-                        "images": {
-                            "type": "array",
-                            "items": {"type": "string", "format": "binary"},
-                        },
-                        **{k: {"type": "string"} for k in _OPTIONS},
-                    },
-                }
-            }
-        },
+        "content": {"multipart/form-data": {"schema": multipart_schema(components)}},
     }
-    extract_ok = {
-        "200": {
-            "description": "faces per image",
-            "content": {
-                "application/json": {"schema": _EXTRACT_RESPONSE},
-                "application/msgpack": {},
-            },
-        },
-        **_errors(400, 401, 413, 415, 503, 504),
-    }
-    jpeg_ok = {
-        "200": {"description": "image with boxes", "content": {"image/jpeg": {}}},
-        **_errors(400, 401, 413, 415, 422, 503),
-    }
-    json_ok = {
-        "200": {
-            "description": "ok",
-            "content": {"application/json": {"schema": {"type": "object"}}},
-        }
-    }
-    return {
-        "openapi": "3.0.3",
+
+    def json_ok(name: str, description: str) -> dict[str, Any]:
+        return {"description": description, "content": {"application/json": {"schema": ref(name)}}}
+
+    public: dict[str, Any] = {"security": []}
+    html_ok = {"200": {"description": "HTML page", "content": {"text/html": {}}}}
+    ws_doc = "; ".join(f"{code} {why}" for code, why in CLOSE_CODES.items())
+    spec: dict[str, Any] = {
+        "openapi": "3.1.0",
         "info": {
-            "title": "Face appliance API",
+            "title": "Face appliance",
             "version": __version__,
-            "description": "InsightFace-REST-compatible face detection and recognition.",
+            "description": "SCRFD detection and ArcFace embeddings, InsightFace-REST compatible.",
         },
-        "components": {"securitySchemes": {"bearer": {"type": "http", "scheme": "bearer"}}},
-        "security": [{"bearer": []}],
         "paths": {
             "/extract": {
                 "post": {
+                    "operationId": "extract",
                     "summary": "Detect faces and extract embeddings",
                     "requestBody": body,
-                    "responses": extract_ok,
+                    "responses": {"200": extract_ok, **errors},
                 }
             },
             "/draw_detections": {
                 "post": {
-                    "summary": "Draw detections on the first image",
+                    "operationId": "draw_detections",
+                    "summary": "The first image with its detections drawn",
                     "requestBody": body,
-                    "responses": jpeg_ok,
+                    "responses": {"200": jpeg_ok, "422": errors["400"], **errors},
                 }
             },
             "/multipart/extract": {
                 "post": {
+                    "operationId": "multipart_extract",
                     "summary": "/extract with file uploads",
                     "requestBody": multipart,
-                    "responses": extract_ok,
+                    "responses": {"200": extract_ok, **errors},
                 }
             },
             "/multipart/draw_detections": {
                 "post": {
+                    "operationId": "multipart_draw_detections",
                     "summary": "/draw_detections with a file upload",
                     "requestBody": multipart,
-                    "responses": jpeg_ok,
+                    "responses": {"200": jpeg_ok, **errors},
                 }
             },
             "/info": {
-                "get": {"summary": "Version, backend, models, settings", "responses": json_ok}
+                "get": {
+                    "operationId": "info",
+                    "summary": "Version, backend, models, settings",
+                    "responses": {"200": json_ok("InfoResponse", "service facts")},
+                }
             },
             "/health/live": {
-                "get": {"summary": "Process is up", "security": [], "responses": json_ok}
+                "get": {
+                    "operationId": "health_live",
+                    "summary": "The process answers",
+                    **public,
+                    "responses": {"200": json_ok("Liveness", "alive")},
+                }
             },
             "/health/ready": {
                 "get": {
-                    "summary": "Models loaded and governor not critical",
-                    "security": [],
-                    "responses": {**json_ok, "503": {"description": "not ready"}},
+                    "operationId": "health_ready",
+                    "summary": "Models loaded and the governor not critical",
+                    **public,
+                    "responses": {
+                        "200": json_ok("Readiness", "ready"),
+                        "503": json_ok("Readiness", "not ready"),
+                    },
                 }
             },
             "/metrics": {
                 "get": {
+                    "operationId": "metrics",
                     "summary": "Prometheus metrics",
-                    "security": [],
+                    **public,
                     "responses": {
                         "200": {
                             "description": "text exposition format",
-                            "content": {"text/plain": {}},
+                            "content": {"text/plain": {"schema": {"type": "string"}}},
                         }
                     },
                 }
             },
+            "/openapi.json": {
+                "get": {
+                    "operationId": "openapi",
+                    "summary": "This description (OpenAPI 3.1)",
+                    **public,
+                    "responses": {
+                        "200": {
+                            "description": "OpenAPI document",
+                            "content": {"application/json": {"schema": {"type": "object"}}},
+                        }
+                    },
+                }
+            },
+            "/docs": {
+                "get": {
+                    "operationId": "docs",
+                    "summary": "Swagger UI",
+                    **public,
+                    "responses": html_ok,
+                }
+            },
+            "/": {
+                "get": {
+                    "operationId": "live_view",
+                    "summary": "The live view page (webcam through /ws/stream)",
+                    **public,
+                    "responses": html_ok,
+                }
+            },
             "/ws/stream": {
                 "get": {
-                    "summary": "WebSocket live stream (see README: protocol)",
+                    "operationId": "ws_stream",
+                    "summary": "WebSocket live stream (docs/STREAMS.md)",
+                    "description": "Client text messages: "
+                    + ", ".join(t.__name__ for t in CLIENT_TYPES)
+                    + "; binary messages are JPEG/PNG frames. Server text messages: "
+                    + ", ".join(t.__name__ for t in SERVER_TYPES)
+                    + f" (schemas under components). Close codes: {ws_doc}.",
                     "responses": {"101": {"description": "switching protocols"}},
+                    "x-client-messages": [ref(t.__name__) for t in CLIENT_TYPES],
+                    "x-server-messages": [ref(t.__name__) for t in SERVER_TYPES],
                 }
             },
         },
+        "components": {"schemas": components},
     }
+    if settings.api_token is not None:
+        spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
+        spec["security"] = [{"bearer": []}]
+    return spec
 
 
 DOCS_PAGE = """<!doctype html>
 <html lang="en"><head><meta charset="utf-8"><title>Face appliance API</title>
-<style>body{font-family:system-ui,sans-serif;max-width:60rem;margin:2rem auto;padding:0 1rem}
-h2{border-bottom:1px solid #ccc}code,pre{background:#f4f4f4;padding:.1rem .3rem}
-.m{display:inline-block;min-width:4rem;font-weight:bold}</style></head>
-<body><h1>Face appliance API</h1><p>Machine-readable: <a href="openapi.json">openapi.json</a></p>
-<div id="paths">loading...</div>
+<link rel="stylesheet" href="/docs/static/swagger-ui.css"></head>
+<body><div id="swagger-ui"></div>
+<script src="/docs/static/swagger-ui-bundle.js"></script>
 <script>
-fetch("openapi.json").then(r => r.json()).then(spec => {
-  const root = document.getElementById("paths"); root.textContent = "";
-  for (const [path, ops] of Object.entries(spec.paths)) {
-    for (const [method, op] of Object.entries(ops)) {
-      const h = document.createElement("h2");
-      h.innerHTML = `<span class="m">${method.toUpperCase()}</span><code></code>`;
-      h.querySelector("code").textContent = path;
-      const p = document.createElement("p"); p.textContent = op.summary || "";
-      const pre = document.createElement("pre");
-      pre.textContent = JSON.stringify({requestBody: op.requestBody, responses: op.responses}, null, 1);
-      root.append(h, p, pre);
-    }
-  }
-});
+window.ui = SwaggerUIBundle({url: "/openapi.json", dom_id: "#swagger-ui", deepLinking: true});
 </script></body></html>
 """
 
 
-@routes.get("/openapi.json")
 async def openapi_json(request: web.Request) -> web.Response:
-    return web.json_response(build_spec())
+    return web.Response(body=request.app[state.OPENAPI_SPEC], content_type="application/json")
 
 
-@routes.get("/docs")
 async def docs(request: web.Request) -> web.Response:
     return web.Response(text=DOCS_PAGE, content_type="text/html")
+
+
+def setup_docs(app: web.Application) -> None:
+    """/openapi.json (built once per app: the settings fill in defaults) and /docs."""
+    app[state.OPENAPI_SPEC] = msgspec.json.encode(build_spec(app[state.SETTINGS]))
+    app.router.add_get("/openapi.json", openapi_json, name="openapi")
+    app.router.add_get("/docs", docs, name="docs")
+    app.router.add_static("/docs/static/", swagger_ui_dir(), name="swagger_ui")

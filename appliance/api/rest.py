@@ -1,78 +1,37 @@
-"""REST routes: /extract, /draw_detections, their multipart variants, /info, health, metrics."""
+"""The InsightFace-REST routes: /extract, /draw_detections and their multipart variants.
+
+Each handler reads top to bottom: decode the body into its wire type (`request_body`),
+analyse the images, encode the response type (`responses`).
+"""
 
 from __future__ import annotations
 
 import asyncio
-import json
 import time
-from typing import Any
 
 import cv2
-import msgpack
 import numpy as np
-from aiohttp import BodyPartReader, web
+from aiohttp import web
 
-from appliance import __version__
 from appliance.api import state
 from appliance.api.errors import (
     ApiError,
-    BadRequest,
     GatewayTimeout,
     ServiceUnavailable,
     Unprocessable,
-    UnsupportedMediaType,
 )
-from appliance.api.schemas import (
-    ExtractRequest,
-    decode_base64,
-    face_to_dict,
-    parse_extract,
-    parse_options,
-    unavailable_warnings,
-)
+from appliance.api.face_wire import DEMO_WARNING, image_entry, unavailable_warnings
+from appliance.api.request_body import ParsedExtract, decode_base64, read_extract, read_multipart
+from appliance.api.responses import respond
 from appliance.api.urls import fetch_image
+from appliance.api.wire import ExtractResponse, Took
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
 from appliance.pipeline.faces import Face, ImageResult
 from appliance.pipeline.images import ImageArray, ImageError, encode_jpeg
 
 routes = web.RouteTableDef()
-JSON_TYPES = {"application/json", "text/json", ""}
-MSGPACK_TYPES = {"application/msgpack", "application/x-msgpack"}
 
-
-# ---------------------------------------------------------------- helpers
-
-
-async def read_body(request: web.Request) -> Any:
-    ctype = request.content_type
-    if ctype not in JSON_TYPES and ctype not in MSGPACK_TYPES:
-        raise UnsupportedMediaType(
-            f"Content-Type {ctype!r} is not accepted; send application/json or application/msgpack"
-        )
-    raw = await request.read()
-    if not raw:
-        raise BadRequest("request body is empty", code="invalid_body")
-    if ctype in MSGPACK_TYPES:
-        try:
-            return msgpack.unpackb(raw, raw=False)
-        except (ValueError, msgpack.UnpackException) as exc:
-            raise BadRequest(f"body is not valid msgpack: {exc}", code="invalid_msgpack") from None
-    try:
-        return json.loads(raw)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise BadRequest(f"body is not valid JSON: {exc}", code="invalid_json") from None
-
-
-def respond(
-    request: web.Request, payload: dict[str, Any], use_msgpack: bool, status: int = 200
-) -> web.Response:
-    if use_msgpack or "application/msgpack" in request.headers.get("Accept", ""):
-        return web.Response(
-            body=msgpack.packb(payload, use_bin_type=True),
-            status=status,
-            content_type="application/msgpack",
-        )
-    return web.json_response(payload, status=status)
+Outcome = tuple[ImageArray | None, ImageResult | ApiError | ImageError]
 
 
 def ensure_accepting(app: web.Application) -> None:
@@ -87,7 +46,7 @@ def ensure_accepting(app: web.Application) -> None:
         )
 
 
-async def load_images(app: web.Application, req: ExtractRequest) -> list[bytes | ApiError]:
+async def load_images(app: web.Application, req: ParsedExtract) -> list[bytes | ApiError]:
     """Raw bytes per image in request order; a failure is that image's own error."""
     settings = app[state.SETTINGS]
 
@@ -102,7 +61,7 @@ async def load_images(app: web.Application, req: ExtractRequest) -> list[bytes |
                 url,
                 settings.max_body_bytes,
                 settings.url_allowlist,
-                req.img_req_headers,
+                req.request.img_req_headers,
             )
         except ApiError as exc:
             return exc
@@ -118,29 +77,21 @@ async def load_images(app: web.Application, req: ExtractRequest) -> list[bytes |
     return out
 
 
-async def decode(app: web.Application, raw: bytes) -> ImageArray:
-    loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(app[state.EXECUTOR], app[state.DECODER].decode, raw)
-
-
-async def analyze_one(
-    app: web.Application, raw: bytes | ApiError, req: ExtractRequest
-) -> tuple[ImageArray | None, ImageResult | ApiError | ImageError]:
+async def analyze_one(app: web.Application, raw: bytes | ApiError, req: ParsedExtract) -> Outcome:
     if isinstance(raw, ApiError):
         return None, raw
+    loop = asyncio.get_running_loop()
     try:
-        img = await decode(app, raw)
+        img = await loop.run_in_executor(app[state.EXECUTOR], app[state.DECODER].decode, raw)
     except ImageError as exc:
         return None, exc
     analyzer = app[state.ANALYZER]
-    if req.embed_only:
+    if req.request.embed_only:
         return img, await analyzer.embed_only(img)
     return img, await analyzer.analyze(img, req.options())
 
 
-async def run_analysis(
-    app: web.Application, req: ExtractRequest
-) -> list[tuple[ImageArray | None, ImageResult | ApiError | ImageError]]:
+async def run_analysis(app: web.Application, req: ParsedExtract) -> list[Outcome]:
     ensure_accepting(app)
     settings = app[state.SETTINGS]
     raws = await load_images(app, req)
@@ -164,26 +115,6 @@ async def run_analysis(
         ) from None
 
 
-def image_entry(
-    result: ImageResult | ApiError | ImageError, req: ExtractRequest, metrics: Any
-) -> dict[str, Any]:
-    if isinstance(result, (ApiError, ImageError)):
-        metrics.images.labels("error").inc()
-        code = result.code
-        message = result.message if isinstance(result, ApiError) else str(result)
-        return {"status": "error", "error": message, "code": code}
-    metrics.images.labels("ok").inc()
-    metrics.faces.inc(len(result.faces))
-    entry: dict[str, Any] = {
-        "status": "ok",
-        "took_ms": round(sum(result.timings_ms.values()), 3),
-        "faces": [face_to_dict(face, i, req) for i, face in enumerate(result.faces)],
-    }
-    if req.verbose_timings:
-        entry["took"] = {k: round(v, 3) for k, v in result.timings_ms.items()}
-    return entry
-
-
 def draw(img: ImageArray, faces: list[Face]) -> ImageArray:
     canvas = np.ascontiguousarray(img.copy())
     thickness = max(1, round(max(img.shape[:2]) / 400))
@@ -205,22 +136,30 @@ def draw(img: ImageArray, faces: list[Face]) -> ImageArray:
     return canvas
 
 
-async def extract_response(request: web.Request, req: ExtractRequest) -> web.Response:
+async def extract_response(request: web.Request, req: ParsedExtract) -> web.Response:
     start = time.perf_counter()
     results = await run_analysis(request.app, req)
     metrics = request.app[state.METRICS]
-    payload: dict[str, Any] = {
-        "took": {"total_ms": 0.0},
-        "data": [image_entry(result, req, metrics) for _, result in results],
-    }
-    warnings = [*req.warnings, *unavailable_warnings(req)]
-    if warnings:
-        payload["warnings"] = warnings
-    payload["took"]["total_ms"] = round((time.perf_counter() - start) * 1e3, 3)
-    return respond(request, payload, req.msgpack)
+    warnings = [*req.warnings, *unavailable_warnings(req.request)]
+    demo = request.app[state.MODELS].demo
+    if demo:
+        warnings.append(DEMO_WARNING)
+    total_ms = round((time.perf_counter() - start) * 1e3, 3)
+
+    def build() -> ExtractResponse:
+        entries = [image_entry(result, req.request, metrics) for _, result in results]
+        payload = ExtractResponse(took=Took(total_ms=total_ms), data=entries)
+        if demo:
+            payload.demo = True
+        if warnings:
+            payload.warnings = warnings
+        return payload
+
+    faces = sum(len(r.faces) for _, r in results if isinstance(r, ImageResult))
+    return await respond(request, build, req.request.msgpack, faces=faces)
 
 
-async def draw_response(request: web.Request, req: ExtractRequest) -> web.Response:
+async def draw_response(request: web.Request, req: ParsedExtract) -> web.Response:
     results = await run_analysis(request.app, req)
     img, result = results[0]
     if isinstance(result, (ApiError, ImageError)) or img is None:
@@ -232,110 +171,25 @@ async def draw_response(request: web.Request, req: ExtractRequest) -> web.Respon
     return web.Response(body=jpeg, content_type="image/jpeg")
 
 
-def _request_from_body(request: web.Request, body: Any) -> ExtractRequest:
-    settings = request.app[state.SETTINGS]
-    return parse_extract(
-        body, settings.det_threshold, settings.max_size, settings.max_images_per_request
-    )
-
-
-async def _request_from_multipart(request: web.Request) -> ExtractRequest:
-    if not request.content_type.startswith("multipart/"):
-        raise UnsupportedMediaType(
-            f"Content-Type {request.content_type!r} is not accepted; send multipart/form-data"
-        )
-    settings = request.app[state.SETTINGS]
-    files: list[bytes] = []
-    fields: dict[str, Any] = {}
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise BadRequest("nested multipart bodies are not accepted", code="invalid_body")
-        name = part.name or ""
-        filename = part.filename
-        data = await part.read()
-        if filename is not None or name in ("images", "file", "files", "image"):
-            files.append(bytes(data))
-            if len(files) > settings.max_images_per_request:
-                raise BadRequest(
-                    f"more than {settings.max_images_per_request} files (MAX_IMAGES_PER_REQUEST)",
-                    code="too_many_images",
-                )
-        else:
-            fields[name] = bytes(data).decode("utf-8", errors="replace")
-    if not files:
-        raise BadRequest("no image files in the multipart body (field 'images')", code="no_images")
-    unknown = sorted(set(fields) - set(parse_options({}, 0.5, settings.max_size)) - {"api_ver"})
-    options = parse_options(fields, settings.det_threshold, settings.max_size)
-    return ExtractRequest(
-        data=list(files),
-        urls=[],
-        warnings=tuple(f"unknown field '{n}' ignored" for n in unknown),
-        **options,
-    )
-
-
-# ---------------------------------------------------------------- routes
-
-
 @routes.post("/extract")
 async def extract(request: web.Request) -> web.Response:
-    return await extract_response(request, _request_from_body(request, await read_body(request)))
+    req = await read_extract(request, request.app[state.SETTINGS])
+    return await extract_response(request, req)
 
 
 @routes.post("/draw_detections")
 async def draw_detections(request: web.Request) -> web.Response:
-    return await draw_response(request, _request_from_body(request, await read_body(request)))
+    req = await read_extract(request, request.app[state.SETTINGS])
+    return await draw_response(request, req)
 
 
 @routes.post("/multipart/extract")
 async def multipart_extract(request: web.Request) -> web.Response:
-    return await extract_response(request, await _request_from_multipart(request))
+    req = await read_multipart(request, request.app[state.SETTINGS])
+    return await extract_response(request, req)
 
 
 @routes.post("/multipart/draw_detections")
 async def multipart_draw_detections(request: web.Request) -> web.Response:
-    return await draw_response(request, await _request_from_multipart(request))
-
-
-@routes.get("/info")
-async def info(request: web.Request) -> web.Response:
-    app = request.app
-    models = app[state.MODELS]
-    payload: dict[str, Any] = {
-        "version": __version__,
-        "backend": models.backend,
-        "backend_reason": models.backend_reason,
-        "models": {"detector": models.detector, "recognizer": models.recognizer},
-        "jpeg_decoder": app[state.DECODER].jpeg_library,
-        "settings": app[state.SETTINGS].public_dict(),
-    }
-    for name, provider in app[state.INFO_PROVIDERS].items():
-        payload[name] = provider()
-    return web.json_response(payload)
-
-
-@routes.get("/health/live")
-async def health_live(request: web.Request) -> web.Response:
-    return web.json_response({"status": "ok"})
-
-
-@routes.get("/health/ready")
-async def health_ready(request: web.Request) -> web.Response:
-    app = request.app
-    models = app[state.MODELS]
-    checks: dict[str, Any] = {"models": {"ok": models.loaded, "backend": models.backend}}
-    for name, check in app[state.READINESS_CHECKS].items():
-        checks[name] = check()
-    ready = all(bool(c.get("ok")) for c in checks.values())
-    return web.json_response(
-        {"status": "ready" if ready else "not_ready", "checks": checks},
-        status=200 if ready else 503,
-    )
-
-
-@routes.get("/metrics")
-async def metrics(request: web.Request) -> web.Response:
-    return web.Response(
-        body=request.app[state.METRICS].render(), content_type="text/plain", charset="utf-8"
-    )
+    req = await read_multipart(request, request.app[state.SETTINGS])
+    return await draw_response(request, req)

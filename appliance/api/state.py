@@ -1,4 +1,4 @@
-"""Typed keys for everything the app keeps on its `web.Application`."""
+"""Every typed key the app keeps on its `web.Application`, in one place (aiohttp AppKey)."""
 
 from __future__ import annotations
 
@@ -10,11 +10,14 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
-from appliance.api.metrics import Metrics
+from appliance.api.metrics import Metrics, StreamMetrics
 from appliance.api.policy import PolicyBoard
+from appliance.api.stream_session import StreamRegistry
 from appliance.config import Settings
+from appliance.models.registry import DEMO_DETECTOR, DEMO_RECOGNIZER
 from appliance.pipeline.faces import FaceAnalyzer
 from appliance.pipeline.images import ImageDecoder
+from appliance.watchdog import Watchdog
 
 
 @dataclasses.dataclass
@@ -26,6 +29,14 @@ class ModelsState:
     recognizer: dict[str, Any]
     backend_reason: str = ""
     loaded: bool = False
+
+    @property
+    def demo(self) -> bool:
+        """The generated demo models answer: responses must say their numbers mean nothing."""
+        return (
+            self.detector.get("name") == DEMO_DETECTOR
+            or self.recognizer.get("name") == DEMO_RECOGNIZER
+        )
 
 
 SETTINGS = web.AppKey("settings", Settings)
@@ -39,3 +50,8 @@ URL_SESSION = web.AppKey("url_session", aiohttp.ClientSession)
 INFO_PROVIDERS = web.AppKey("info_providers", dict[str, Callable[[], Any]])
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], dict[str, Any]]])
 POLICY = web.AppKey("policy", PolicyBoard)
+STREAMS = web.AppKey("streams", StreamRegistry)
+STREAM_METRICS = web.AppKey("stream_metrics", StreamMetrics)
+WATCHDOG = web.AppKey("watchdog", Watchdog)
+# /openapi.json, encoded once at start-up (the settings fill in defaults).
+OPENAPI_SPEC = web.AppKey("openapi_spec", bytes)

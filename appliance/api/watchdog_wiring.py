@@ -13,8 +13,6 @@ from appliance.api.errors import StartupError
 from appliance.api.policy import LoadPolicy
 from appliance.watchdog import TelemetryError, Transition, Watchdog
 
-WATCHDOG = web.AppKey("watchdog", Watchdog)
-
 
 class WatchdogCollector(Collector):
     """Reads the latest snapshot at scrape time, so the gauges never lag behind the watchdog."""
@@ -91,7 +89,7 @@ async def watchdog_ctx(app: web.Application) -> AsyncIterator[None]:
     except TelemetryError as exc:
         raise StartupError(str(exc)) from None
     apply(watchdog.last_transition)
-    app[WATCHDOG] = watchdog
+    app[state.WATCHDOG] = watchdog
     app[state.READINESS_CHECKS]["watchdog"] = lambda: {
         "ok": watchdog.effects.ready,
         **watchdog.health(),

@@ -1,4 +1,4 @@
-"""`appliance settings`: every setting with its environment variable, type and default."""
+"""`appliance settings`: show every setting with its environment variable, type and default."""
 
 from __future__ import annotations
 
