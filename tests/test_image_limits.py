@@ -277,3 +277,25 @@ async def test_defect2_full_pixel_budget_answers_503_with_retry_after(serve: Any
     resp = await client.post("/extract", json=payload)
     assert resp.status == 200
     assert budget.in_use == 0
+
+
+def test_png_chunk_claiming_4gb_is_refused_before_opencv(
+    decoder: ImageDecoder, no_pixel_decode: None
+) -> None:
+    """Found by the fuzzer: OpenCV 5 allocated an IDAT's declared 4 GB before reading it."""
+    data = bytearray(encode(".png", noise(24, 32)))
+    idat = data.index(b"IDAT") - 4
+    data[idat : idat + 4] = b"\xff\xff\xff\xff"
+    assert len(data) < 5000
+    with pytest.raises(ImageError) as info:
+        decoder.decode(bytes(data))
+    assert info.value.code == "corrupt_image"
+    assert "PNG chunk b'IDAT' claims 4294967295 bytes" in str(info.value)
+
+
+def test_png_chunk_flood_is_refused(decoder: ImageDecoder, no_pixel_decode: None) -> None:
+    png = encode(".png", noise(4, 4))
+    iend = png.index(b"IEND") - 4
+    flood = png[:iend] + b"\x00\x00\x00\x00teXt\x00\x00\x00\x00" * 70_000 + png[iend:]
+    with pytest.raises(ImageError, match="more than 65536 chunks"):
+        decoder.decode(flood)

@@ -127,6 +127,19 @@ def check_url(url: URL, allowlist: Sequence[str]) -> None:
         )
 
 
+def parse_target(url: str, allowlist: Sequence[str]) -> URL:
+    """The URL a caller gave, parsed and checked (`check_url`); UrlRefused for anything else."""
+    try:
+        parsed = URL(url)
+        host = parsed.raw_host  # yarl parses the authority lazily: errors surface here
+    except (ValueError, TypeError, UnicodeError):
+        raise UrlRefused(f"{url!r} is not a valid URL") from None
+    if host is None:
+        raise UrlRefused(f"only http(s) URLs with a host are accepted, got {url!r}")
+    check_url(parsed, allowlist)
+    return parsed
+
+
 def check_headers(headers: Mapping[str, Any] | None) -> dict[str, str]:
     """The caller's headers, refused (400) when a name or value could split the request."""
     out: dict[str, str] = {}
@@ -191,14 +204,11 @@ async def fetch_image(
     session's timeout (URL_TIMEOUT_S).
     """
     sent = check_headers(headers)
-    try:
-        current = URL(url)
-    except (ValueError, TypeError):
-        raise UrlRefused(f"{url!r} is not a valid URL") from None
+    current = parse_target(url, allowlist)
     timeout_s = session.timeout.total or 10.0
     loop = asyncio.get_running_loop()
     deadline = loop.time() + timeout_s
-    origin = current.origin() if current.absolute else None
+    origin = current.origin()
     phase = "connecting"
     try:
         for _ in range(MAX_REDIRECTS + 1):

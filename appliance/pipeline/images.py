@@ -28,6 +28,7 @@ from appliance.pipeline.image_formats import (
     PNG_MAGIC,
     ImageError,
     ImageInfo,
+    check_png_chunks,
     is_jpeg,
     is_png,
     jpeg_segments,
@@ -161,6 +162,8 @@ class ImageDecoder:
         return apply_orientation(np.ascontiguousarray(img), exif_orientation(data))
 
     def _decode_opencv(self, data: bytes, info: ImageInfo) -> ImageArray:
+        if info.format == "png":
+            check_png_chunks(data)
         buf = np.frombuffer(data, dtype=np.uint8)
         try:
             # IMREAD_COLOR applies the EXIF orientation itself.
