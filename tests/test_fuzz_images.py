@@ -32,6 +32,9 @@ from tests.image_samples import (
     with_png_size,
 )
 
+# libjpeg's "Corrupt JPEG data" notices are expected on fuzzed input.
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning")
+
 FUZZ = settings(
     deadline=None,
     database=None,
@@ -72,16 +75,30 @@ MAGICS = [
 ]
 
 
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+# No fuzzed input may cost more than a few largest images' worth of memory (12 MB each at
+# FUZZ_MAX_PIXELS); before the PNG chunk check one 883-byte input took the peak to 4.2 GB.
+MAX_PEAK_GROWTH_MB = 256
+
+
 def report(
-    capsys: pytest.CaptureFixture[str], name: str, outcomes: Counter[str], t0: float
+    capsys: pytest.CaptureFixture[str],
+    name: str,
+    outcomes: Counter[str],
+    t0: float,
+    rss0: float,
 ) -> None:
-    rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    grown = peak_rss_mb() - rss0
     with capsys.disabled():
         print(
             f"\nfuzz {name}: {sum(outcomes.values())} inputs, failures 0, "
-            f"{time.perf_counter() - t0:.1f} s, peak RSS {rss_mb:.0f} MB, "
-            f"outcomes {dict(sorted(outcomes.items()))}"
+            f"{time.perf_counter() - t0:.1f} s, peak RSS {peak_rss_mb():.0f} MB "
+            f"(+{grown:.0f} MB), outcomes {dict(sorted(outcomes.items()))}"
         )
+    assert grown < MAX_PEAK_GROWTH_MB
 
 
 @st.composite
@@ -131,7 +148,12 @@ def claimed_sizes(draw: st.DrawFn) -> bytes:
 def test_fuzz_arbitrary_bytes_decode_or_raise_image_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    decoders, outcomes, t0 = make_decoders(), Counter[str](), time.perf_counter()
+    decoders, outcomes, t0, rss0 = (
+        make_decoders(),
+        Counter[str](),
+        time.perf_counter(),
+        peak_rss_mb(),
+    )
 
     @settings(FUZZ, max_examples=1500)
     @given(
@@ -145,7 +167,7 @@ def test_fuzz_arbitrary_bytes_decode_or_raise_image_error(
             outcomes[check_image(decoder, data)] += 1
 
     run()
-    report(capsys, "images/arbitrary", outcomes, t0)
+    report(capsys, "images/arbitrary", outcomes, t0, rss0)
     assert set(outcomes) <= {
         "ok",
         "corrupt_image",
@@ -158,7 +180,12 @@ def test_fuzz_arbitrary_bytes_decode_or_raise_image_error(
 def test_fuzz_mutated_images_decode_or_raise_image_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    decoders, outcomes, t0 = make_decoders(), Counter[str](), time.perf_counter()
+    decoders, outcomes, t0, rss0 = (
+        make_decoders(),
+        Counter[str](),
+        time.perf_counter(),
+        peak_rss_mb(),
+    )
 
     @settings(FUZZ, max_examples=2000)
     @given(mutated())
@@ -167,13 +194,18 @@ def test_fuzz_mutated_images_decode_or_raise_image_error(
             outcomes[check_image(decoder, data)] += 1
 
     run()
-    report(capsys, "images/mutated", outcomes, t0)
+    report(capsys, "images/mutated", outcomes, t0, rss0)
     # The mutator reaches both sides of the contract, not only early refusals.
     assert outcomes["ok"] > 100 and outcomes["corrupt_image"] > 100
 
 
 def test_fuzz_claimed_sizes_never_decode_past_the_limit(capsys: pytest.CaptureFixture[str]) -> None:
-    decoders, outcomes, t0 = make_decoders(), Counter[str](), time.perf_counter()
+    decoders, outcomes, t0, rss0 = (
+        make_decoders(),
+        Counter[str](),
+        time.perf_counter(),
+        peak_rss_mb(),
+    )
 
     @settings(FUZZ, max_examples=1000)
     @given(claimed_sizes())
@@ -182,16 +214,16 @@ def test_fuzz_claimed_sizes_never_decode_past_the_limit(capsys: pytest.CaptureFi
             outcomes[check_image(decoder, data)] += 1
 
     run()
-    report(capsys, "images/claimed-sizes", outcomes, t0)
+    report(capsys, "images/claimed-sizes", outcomes, t0, rss0)
     assert outcomes["image_too_large"] > 100
 
 
 def test_bombs_in_every_format_refused_by_both_paths(capsys: pytest.CaptureFixture[str]) -> None:
-    outcomes, t0 = Counter[str](), time.perf_counter()
+    outcomes, t0, rss0 = Counter[str](), time.perf_counter(), peak_rss_mb()
     for decoder in make_decoders():
         for data in bombs(FUZZ_MAX_PIXELS).values():
             outcomes[check_image(decoder, data)] += 1
-    report(capsys, "images/bombs", outcomes, t0)
+    report(capsys, "images/bombs", outcomes, t0, rss0)
     assert set(outcomes) == {"image_too_large"}
 
 
@@ -204,7 +236,7 @@ def test_real_photos_truncated_at_every_tenth_are_corrupt(
     photo: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
     data = photo.read_bytes()
-    outcomes, t0 = Counter[str](), time.perf_counter()
+    outcomes, t0, rss0 = Counter[str](), time.perf_counter(), peak_rss_mb()
     for decoder in make_decoders():
         decoder.max_pixels = 10**8  # the photos are real: only the truncation should matter
         decoder.budget = type(decoder.budget)(10**8)
@@ -214,4 +246,4 @@ def test_real_photos_truncated_at_every_tenth_are_corrupt(
             outcomes[outcome] += 1
             expected = "empty_image" if tenth == 0 else "corrupt_image"
             assert outcome == expected, (photo.name, tenth)
-    report(capsys, f"images/truncated {photo.name}", outcomes, t0)
+    report(capsys, f"images/truncated {photo.name}", outcomes, t0, rss0)

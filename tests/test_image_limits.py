@@ -299,3 +299,14 @@ def test_png_chunk_flood_is_refused(decoder: ImageDecoder, no_pixel_decode: None
     flood = png[:iend] + b"\x00\x00\x00\x00teXt\x00\x00\x00\x00" * 70_000 + png[iend:]
     with pytest.raises(ImageError, match="more than 65536 chunks"):
         decoder.decode(flood)
+
+
+def test_jpeg_header_walk_is_capped(decoder: ImageDecoder, no_pixel_decode: None) -> None:
+    """`probe` may run on the event loop: 100 000 comment segments must not make it slow."""
+    src = encode(".jpg", noise(8, 8))
+    flood = src[:2] + b"\xff\xfe\x00\x02" * 100_000 + src[2:]
+    with pytest.raises(ImageError, match="more than 4096 markers before its scan"):
+        decoder.probe(flood)
+    fill = src[:2] + b"\xff" * 100_000 + src[2:]
+    with pytest.raises(ImageError, match="more than 4096 markers"):
+        decoder.probe(fill)

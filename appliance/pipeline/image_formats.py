@@ -110,14 +110,21 @@ def read_header(data: bytes) -> ImageInfo:
 
 # ---------------------------------------------------------------- JPEG
 
+# Segments and fill bytes walked before the first scan; cameras write a few dozen.
+MAX_JPEG_HEADER_STEPS = 4096
+
 
 def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
     """(marker, segment start, segment length) of each header segment up to the first scan.
 
-    0xFF fill bytes before a marker are allowed by the JPEG standard and skipped.
+    0xFF fill bytes before a marker are allowed by the JPEG standard and skipped. Real files
+    have a few dozen segments before their scan; the cap keeps this walk (which the API may
+    run on the event loop, through `probe`) a few microseconds whatever the file holds.
     """
     pos = 2
-    while pos + 4 <= len(data):
+    for _ in range(MAX_JPEG_HEADER_STEPS):
+        if pos + 4 > len(data):
+            return
         if data[pos] != 0xFF:
             raise ImageError("corrupt_image", "JPEG marker structure is broken")
         marker = data[pos + 1]
@@ -134,6 +141,9 @@ def jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
         if marker == 0xDA:
             return
         pos += 2 + length
+    raise ImageError(
+        "corrupt_image", f"JPEG has more than {MAX_JPEG_HEADER_STEPS} markers before its scan"
+    )
 
 
 def jpeg_size(data: bytes) -> tuple[int, int]:
