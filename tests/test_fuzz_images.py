@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -48,7 +49,7 @@ def seeds() -> dict[str, bytes]:
     grey = noise(24, 32, channels=1)
     return {
         "jpeg": encode(".jpg", img),
-        "jpeg_progressive": encode(".jpg", img, [1 + 1, 1]),  # IMWRITE_JPEG_PROGRESSIVE
+        "jpeg_progressive": encode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
         "jpeg_grey": encode(".jpg", grey),
         "jpeg_cmyk": cmyk_jpeg(24, 32),
         "png": encode(".png", img),
@@ -57,8 +58,9 @@ def seeds() -> dict[str, bytes]:
         "png_alpha": encode(".png", noise(24, 32, channels=4)),
         "bmp": encode(".bmp", img),
         "bmp_rle": rle_bmp(32, 24, rows=24),
-        "webp": encode(".webp", img),
-        "webp_lossless": encode(".webp", img, [64, 101]),  # IMWRITE_WEBP_QUALITY > 100
+        # OpenCV 5 writes lossless WebP by default; quality <= 100 gives lossy (VP8).
+        "webp": encode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 80]),
+        "webp_lossless": encode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101]),
     }
 
 
