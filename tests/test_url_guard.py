@@ -345,12 +345,6 @@ async def test_defect1_through_the_server_each_refused_url_is_its_own_error(
     assert resp.status == 200
     assert body["data"][0]["code"] == "bad_request"
     assert "CR, LF or NUL" in body["data"][0]["error"]
-    assert (
-        net.origin.hits
-        == [
-            "/fine.jpg",
-            "/redirect?to=" + "http://127.0.0.2:" + str(rec.port) + "/via-redirect&status=302",
-        ]
-        or len(net.origin.hits) == 2
-    )
+    # The origin served the fine image and the redirect; the header request never left.
+    assert [h.split("?")[0] for h in net.origin.hits] == ["/fine.jpg", "/redirect"]
     assert net.all_hits() == {}
