@@ -73,7 +73,7 @@ def test_probe_faces_are_identified_and_strangers_are_none(
 
 def test_identity_needs_the_threshold(tmp_path: Path, real_faces: RealFaces) -> None:
     gallery = enrolled(tmp_path, real_faces)
-    (_, obama), = probe_faces(real_faces, "probe/obama1.jpg")
+    ((_, obama),) = probe_faces(real_faces, "probe/obama1.jpg")
     assert gallery.identify([obama])[0].identity == "obama"  # type: ignore[list-item]
     # Reference: obama1 scores 0.804 against obama; a stricter operator threshold refuses it.
     strict = gallery.identify([obama], threshold=0.9)[0]  # type: ignore[list-item]
@@ -83,9 +83,9 @@ def test_identity_needs_the_threshold(tmp_path: Path, real_faces: RealFaces) -> 
 
 def test_verify_answers_match_and_no_match(tmp_path: Path, real_faces: RealFaces) -> None:
     gallery = enrolled(tmp_path, real_faces)
-    (_, obama1), = probe_faces(real_faces, "probe/obama1.jpg")
+    ((_, obama1),) = probe_faces(real_faces, "probe/obama1.jpg")
     (_, biden_tp), (_, obama_tp) = probe_faces(real_faces, "probe/two_people.jpg")
-    (_, stranger), = probe_faces(real_faces, "probe/lin-manuel-miranda.png")
+    ((_, stranger),) = probe_faces(real_faces, "probe/lin-manuel-miranda.png")
 
     same = gallery.verify(obama1, obama_tp)  # type: ignore[arg-type]
     assert same.match and same.similarity > 0.6
