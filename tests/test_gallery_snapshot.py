@@ -16,8 +16,8 @@ from appliance.gallery import (
     Recognizer,
     RecognizerMismatch,
     SnapshotInvalid,
+    snapshot,
 )
-from appliance.gallery import snapshot
 from tests.gallery_fixtures import RealFaces, needs_shared, real_faces
 
 __all__ = ["real_faces"]
