@@ -100,8 +100,8 @@ def bench_ann(n: int, dim: int, queries: int, threads: int) -> None:
             np.arange(start, min(n, start + 100_000), dtype=np.int64), data[start : start + 100_000]
         )
     build = time.perf_counter() - t
-    for ef in (64, 128, 256):
-        index._index.expansion_search = ef
+    for ef in (64, 128, 256, 512, 1024):
+        index.expansion_search = ef
         times, hits = [], 0
         for i in range(queries):
             t = time.perf_counter()
@@ -109,7 +109,8 @@ def bench_ann(n: int, dim: int, queries: int, threads: int) -> None:
             times.append(time.perf_counter() - t)
             hits += int(ids[0, 0] == truth[i])
         print(
-            f"ann n={n} dim={dim} M={index.CONNECTIVITY} ef_add={index.EXPANSION_ADD} "
+            f"ann n={n} dim={dim} M={ApproximateIndex.CONNECTIVITY} "
+            f"ef_add={ApproximateIndex.EXPANSION_ADD} "
             f"ef_search={ef}: build {build:.0f} s ({threads} threads), search median "
             f"{statistics.median(times) * 1e3:.2f} ms, recall@1 {hits / queries:.3f}"
         )

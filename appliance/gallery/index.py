@@ -118,13 +118,21 @@ class ApproximateIndex:
     """usearch HNSW with inner-product metric. Vectors are stored as float16: half the memory
     of float32 (1 GB at 1,000,000 x 512-d) for a similarity error near 1e-3."""
 
-    # Graph degree and beam widths: measured on 1,000,000 random 512-d unit vectors (the
-    # hardest case for a graph index) to give recall@1 >= 0.99 (docs/BENCHMARKS.md).
-    CONNECTIVITY = 32
-    EXPANSION_ADD = 128
-    EXPANSION_SEARCH = 128
+    # Graph degree and beam widths, measured on 1,000,000 random 512-d unit vectors (the
+    # hardest case for a graph index) in benchmarks/gallery_search.py: see docs/BENCHMARKS.md.
+    CONNECTIVITY = 16
+    EXPANSION_ADD = 64
+    EXPANSION_SEARCH = 256
 
-    def __init__(self, dim: int, threads: int = 0) -> None:
+    def __init__(
+        self,
+        dim: int,
+        threads: int = 0,
+        *,
+        connectivity: int = CONNECTIVITY,
+        expansion_add: int = EXPANSION_ADD,
+        expansion_search: int = EXPANSION_SEARCH,
+    ) -> None:
         from usearch.index import Index
 
         self.dim = dim
@@ -133,10 +141,18 @@ class ApproximateIndex:
             ndim=dim,
             metric="ip",
             dtype="f16",
-            connectivity=self.CONNECTIVITY,
-            expansion_add=self.EXPANSION_ADD,
-            expansion_search=self.EXPANSION_SEARCH,
+            connectivity=connectivity,
+            expansion_add=expansion_add,
+            expansion_search=expansion_search,
         )
+
+    @property
+    def expansion_search(self) -> int:
+        return int(self._index.expansion_search)
+
+    @expansion_search.setter
+    def expansion_search(self, value: int) -> None:
+        self._index.expansion_search = value
 
     def __len__(self) -> int:
         return len(self._index)
