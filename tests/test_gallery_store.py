@@ -242,3 +242,33 @@ def test_concurrent_enrolment_and_search_lose_nothing(tmp_path: Path) -> None:
     g.close()
     con = sqlite3.connect(db)
     assert con.execute("SELECT count(*) FROM faces").fetchone()[0] == writers * per_writer
+
+
+def test_gallery_settings_are_read_and_validated() -> None:
+    from appliance.config import ConfigError, load_settings
+
+    s = load_settings(
+        env={
+            "GALLERY_DB": "/data/g.db",
+            "IDENTIFY_THRESHOLD": "0.45",
+            "GALLERY_KEEP_CROPS": "1",
+            "GALLERY_ANN_MIN_FACES": "0",
+            "TRACK_RECOGNIZE_EVERY": "30",
+        }
+    )
+    assert (s.gallery_db, s.identify_threshold, s.gallery_keep_crops) == (
+        Path("/data/g.db"),
+        0.45,
+        True,
+    )
+    assert (s.gallery_ann_min_faces, s.track_recognize_every) == (0, 30)
+    assert load_settings(env={}).identify_threshold is None
+    for env in (
+        {"IDENTIFY_THRESHOLD": "1.5"},
+        {"GALLERY_ANN_MIN_FACES": "-1"},
+        {"TRACK_MIN_IOU": "0"},
+        {"TRACK_BETTER_VIEW": "1"},
+        {"TRACK_SMOOTHING": "0"},
+    ):
+        with pytest.raises(ConfigError, match=next(iter(env))):
+            load_settings(env=env)

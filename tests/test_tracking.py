@@ -30,6 +30,15 @@ def test_iou_matrix_by_hand() -> None:
     assert got[0].tolist() == pytest.approx([1.0, 1 / 3, 0.0])
 
 
+def test_tracker_config_comes_from_settings() -> None:
+    from appliance.config import load_settings
+
+    cfg = TrackerConfig.from_settings(
+        load_settings(env={"TRACK_RECOGNIZE_EVERY": "7", "TRACK_MIN_IOU": "0.5"})
+    )
+    assert (cfg.recognize_every, cfg.min_iou, cfg.max_age) == (7, 0.5, 10)
+
+
 def test_two_moving_faces_keep_their_ids_and_a_short_gap_is_bridged() -> None:
     tracker = FaceTracker(TrackerConfig(max_age=5))
     ids: list[list[int]] = []

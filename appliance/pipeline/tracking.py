@@ -21,6 +21,8 @@ from collections.abc import Sequence
 import numpy as np
 import numpy.typing as npt
 
+from appliance.config import Settings
+
 Box = tuple[float, float, float, float]
 
 
@@ -34,6 +36,16 @@ class TrackerConfig:
     # Below this cosine between a track's consecutive recognitions the box was taken over by
     # another face (a scene cut, two people crossing): the identity history starts again.
     same_face_min_similarity: float = 0.3
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> TrackerConfig:
+        return cls(
+            recognize_every=settings.track_recognize_every,
+            max_age=settings.track_max_age,
+            min_iou=settings.track_min_iou,
+            better_view=settings.track_better_view,
+            smoothing=settings.track_smoothing,
+        )
 
 
 @dataclasses.dataclass(frozen=True)
