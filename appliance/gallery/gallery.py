@@ -105,17 +105,20 @@ class Gallery:
             self._store.bind(db, recognizer)
 
     def _load(self) -> None:
-        ids, names, blob = self._store.load_embeddings()
+        ids, names, mat = self._store.load_embeddings(spare_rows=1024)
         if len(ids):
-            vecs = np.frombuffer(blob, "<f4").reshape(len(ids), -1).astype(np.float32)
+            vecs = mat[: len(ids)]
             if self._dim is not None and vecs.shape[1] != self._dim:
                 raise RecognizerMismatch(
                     f"stored embeddings have {vecs.shape[1]} dimensions, the recognizer "
                     f"gives {self._dim}"
                 )
             self._dim = vecs.shape[1]
-            self._index = self._new_index(len(ids))
-            self._index.add(ids, vecs)
+            if self._ann_min_faces > 0 and len(ids) >= self._ann_min_faces:
+                self._index = ApproximateIndex(self._dim)
+                self._index.add(ids, vecs)
+            else:
+                self._index = ExactIndex.adopt(ids, mat)
         for fid, name in zip(ids.tolist(), names, strict=True):
             self._face_subject[fid] = name
             self._subject_faces.setdefault(name, set()).add(fid)

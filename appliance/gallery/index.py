@@ -50,6 +50,18 @@ class ExactIndex:
         self._row: dict[int, int] = {}
         self._n = 0
 
+    @classmethod
+    def adopt(cls, ids: IntArray, matrix: FloatArray) -> ExactIndex:
+        """An index over the first len(ids) rows of `matrix`, taken without a copy; the rest
+        of its rows are room to grow."""
+        index = cls(matrix.shape[1], capacity=1)
+        index._mat = matrix
+        index._ids = np.empty(len(matrix), np.int64)
+        index._ids[: len(ids)] = ids
+        index._row = {fid: row for row, fid in enumerate(ids.tolist())}
+        index._n = len(ids)
+        return index
+
     def __len__(self) -> int:
         return self._n
 

@@ -91,6 +91,10 @@ class GalleryStore:
         self._db = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
         self._lock = threading.RLock()
         for pragma in (
+            # Only takes effect on a new file (before WAL). A 512-d embedding row is ~2.1 KB:
+            # 4 KB pages hold one row each (half empty), 8 KB pages three, so the file and the
+            # start-up read shrink by a third.
+            "page_size=8192",
             "journal_mode=WAL",
             "synchronous=FULL",
             "secure_delete=ON",
@@ -146,15 +150,28 @@ class GalleryStore:
         with self._lock:
             return int(self._db.execute("SELECT count(*) FROM subjects").fetchone()[0])
 
-    def load_embeddings(self) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str], bytes]:
-        """(face ids, subject name per face, concatenated float32 embeddings) of every face."""
+    def load_embeddings(
+        self, spare_rows: int = 0
+    ) -> tuple[np.ndarray[Any, np.dtype[np.int64]], list[str], FloatArray]:
+        """(face ids, subject name per face, (faces + spare_rows, dim) float32 matrix whose
+        first rows are the embeddings) of every face, for the index at start-up."""
         with self._lock:
-            rows = self._db.execute(
-                "SELECT f.id, s.name, f.embedding FROM faces f JOIN subjects s "
-                "ON s.id = f.subject_id ORDER BY f.id"
-            ).fetchall()
-        ids = np.fromiter((r[0] for r in rows), np.int64, len(rows))
-        return ids, [r[1] for r in rows], b"".join(r[2] for r in rows)
+            names = dict(self._db.execute("SELECT id, name FROM subjects").fetchall())
+            n = int(self._db.execute("SELECT count(*) FROM faces").fetchone()[0])
+            ids = np.empty(n, np.int64)
+            owners: list[str] = []
+            mat: FloatArray = np.empty((0, 0), np.float32)
+            # Rowid order and no join (a join with ORDER BY costs several times the plain
+            # scan); each blob is copied straight into one preallocated matrix, so start-up
+            # touches the embeddings' memory once instead of three times.
+            cursor = self._db.execute("SELECT id, subject_id, embedding FROM faces ORDER BY id")
+            for i, (fid, sid, blob) in enumerate(cursor):
+                if i == 0:
+                    mat = np.empty((n + spare_rows, len(blob) // 4), np.float32)
+                ids[i] = fid
+                owners.append(names[sid])
+                mat[i] = np.frombuffer(blob, "<f4")
+        return ids, owners, mat
 
     def _subject_row(self, db: sqlite3.Connection, name: str) -> tuple[Any, ...]:
         row = db.execute(
