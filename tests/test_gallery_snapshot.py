@@ -112,3 +112,23 @@ def test_a_snapshot_that_fails_its_checksum_is_refused(tmp_path: Path) -> None:
         snapshot.read(buf.getvalue())
     with pytest.raises(SnapshotInvalid, match="not a gallery snapshot"):
         snapshot.read(b"not a zip file")
+
+
+def test_a_well_checksummed_but_malformed_snapshot_is_refused() -> None:
+    import json
+
+    manifest = {
+        "format": snapshot.FORMAT,
+        "version": snapshot.VERSION,
+        "recognizer": {"name": "m", "sha256": "3" * 64},
+        "dim": 4,
+        "subjects": [{"metadata": {}}],  # no name
+        "faces": [],
+    }
+    manifest["checksum"] = snapshot._digest(manifest, b"")
+    buf = io.BytesIO()
+    with zipfile.ZipFile(buf, "w") as zf:
+        zf.writestr("manifest.json", json.dumps(manifest))
+        zf.writestr("embeddings.f32", b"")
+    with pytest.raises(SnapshotInvalid, match="malformed"):
+        snapshot.read(buf.getvalue())

@@ -110,11 +110,23 @@ def read(data: bytes | Path) -> Snapshot:
     try:
         rec = Recognizer(manifest["recognizer"]["name"], manifest["recognizer"]["sha256"])
         dim, faces = int(manifest["dim"]), manifest["faces"]
+        # A checksum proves the file is intact, not that its writer was this program.
+        for s in manifest["subjects"]:
+            _fields(s, {"name": str, "created": (int, float)})
+        for f in faces:
+            _fields(f, {"id": int, "subject": str, "created": (int, float)})
         vecs = np.frombuffer(emb, "<f4").astype(np.float32)
         vecs = vecs.reshape(len(faces), dim) if faces else np.zeros((0, dim), np.float32)
     except (KeyError, TypeError, ValueError) as exc:
         raise SnapshotInvalid(f"snapshot manifest is malformed: {exc}") from None
     return Snapshot(rec, dim, manifest["subjects"], faces, vecs, manifest["checksum"])
+
+
+def _fields(entry: Any, types: dict[str, Any]) -> None:
+    if not isinstance(entry, dict) or any(
+        not isinstance(entry.get(k), t) for k, t in types.items()
+    ):
+        raise ValueError(f"entry {str(entry)[:80]} lacks one of {sorted(types)}")
 
 
 def import_snapshot(gallery: Gallery, snap: Snapshot, mode: ImportMode) -> ImportResult:
