@@ -106,8 +106,8 @@ class Settings:
     identify_threshold: float | None = None
     # Store each enrolled face's aligned crop (off: privacy).
     gallery_keep_crops: bool = False
-    # Faces from which search uses the approximate (HNSW) index; 0 = always exact.
-    gallery_ann_min_faces: int = 200_000
+    # Faces from which search uses the approximate index (binary codes + re-rank); 0 = never.
+    gallery_ann_min_faces: int = 50_000
     # Stream tracking: recognise a track again after this many frames.
     track_recognize_every: int = 15
     # Frames a track survives without a matching detection.

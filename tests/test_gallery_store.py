@@ -272,3 +272,25 @@ def test_gallery_settings_are_read_and_validated() -> None:
     ):
         with pytest.raises(ConfigError, match=next(iter(env))):
             load_settings(env=env)
+
+
+def test_approximate_index_adds_removes_and_ranks_like_exact() -> None:
+    from appliance.gallery.index import ApproximateIndex, ExactIndex
+
+    rng = np.random.default_rng(9)
+    data = unit(rng, 2000)
+    ids = np.arange(10, 2010, dtype=np.int64)
+    approx, exact = ApproximateIndex(DIM, rerank=50), ExactIndex(DIM)
+    for index in (approx, exact):
+        index.add(ids, data)
+        index.remove(ids[100:200])
+    assert len(approx) == len(exact) == 1900
+    noisy = data[[5, 300, 1999]] + 0.05 * unit(rng, 3)
+    queries = noisy / np.linalg.norm(noisy, axis=1, keepdims=True)
+    sa, ia = approx.search(queries, 3)
+    se, ie = exact.search(queries, 3)
+    assert ia[:, 0].tolist() == ie[:, 0].tolist() == [15, 310, 2009]
+    np.testing.assert_allclose(sa[:, 0], se[:, 0], atol=2e-3)  # float16 re-rank vectors
+    # A removed face is never returned, even for its own vector.
+    _, gone = approx.search(data[150][None], 5)
+    assert 160 not in gone[0].tolist()

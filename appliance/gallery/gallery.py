@@ -34,7 +34,7 @@ from appliance.gallery.thresholds import effective_threshold
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ANN_MIN_FACES = 200_000
+DEFAULT_ANN_MIN_FACES = 50_000
 
 
 def normalize(
