@@ -8,8 +8,9 @@ write either completely or not at all, and never a face the database does not ha
 
 from __future__ import annotations
 
+import sqlite3
 import threading
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -360,7 +361,7 @@ class Gallery:
     def store(self) -> GalleryStore:
         return self._store
 
-    def replace_contents(self, load: Any) -> None:
+    def replace_contents(self, load: Callable[[sqlite3.Connection], None]) -> None:
         """Run `load(db)` in one write transaction, then rebuild the index from the database
         (imports are rare; a rebuild keeps index and database identical by construction)."""
         with self._write_lock:
