@@ -1,4 +1,4 @@
-"""`appliance` command line: serve | models | build-engines | check | stream | settings."""
+"""`appliance` command line: serve | models | build-engines | check | stream | settings | gallery."""
 
 from __future__ import annotations
 
@@ -11,7 +11,7 @@ from appliance import __version__
 
 # Sub-command modules under appliance.commands, in the order `--help` lists them. Each has
 # `add_parser(subparsers) -> None` and `run(args) -> int`.
-COMMANDS = ("serve", "models", "engines", "check", "stream", "show_settings")
+COMMANDS = ("serve", "models", "engines", "check", "stream", "show_settings", "gallery")
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -102,6 +102,26 @@ class Settings:
     watchdog_min_dwell_s: float = 3.0
     telemetry_fail_limit: int = 3
 
+    # Gallery and identification (docs/GALLERY.md).
+    gallery_db: Path = Path("/var/lib/appliance/gallery.db")
+    # Cosine similarity a face needs to be named; unset = the recognizer's default
+    # (appliance/gallery/thresholds.py). Measure it with `appliance gallery calibrate`.
+    identify_threshold: float | None = None
+    # Store each enrolled face's aligned crop (off: privacy).
+    gallery_keep_crops: bool = False
+    # Faces from which search uses the approximate index (binary codes + re-rank); 0 = never.
+    gallery_ann_min_faces: int = 50_000
+    # Stream tracking: recognise a track again after this many frames.
+    track_recognize_every: int = 15
+    # Frames a track survives without a matching detection.
+    track_max_age: int = 10
+    # Smallest box overlap (IoU) that continues a track.
+    track_min_iou: float = 0.3
+    # Recognise again when the face is this much larger than at its last recognition.
+    track_better_view: float = 1.3
+    # Recent recognitions a track's identity is voted over (no flicker).
+    track_smoothing: int = 5
+
     # Logging.
     log_format: LogFormat = "auto"
     log_level: str = "INFO"
@@ -144,6 +164,9 @@ _POSITIVE_INT = (
     "stream_send_queue",
     "telemetry_fail_limit",
     "trt_workspace_mb",
+    "track_recognize_every",
+    "track_max_age",
+    "track_smoothing",
 )
 _POSITIVE_FLOAT = (
     "request_timeout_s",
@@ -193,6 +216,16 @@ def _validate(s: Settings) -> None:
         raise ConfigError(
             "TEMP_HYSTERESIS_C, RAM_HYSTERESIS_PCT, WATCHDOG_MIN_DWELL_S must be >= 0"
         )
+    if s.identify_threshold is not None and not -1.0 <= s.identify_threshold <= 1.0:
+        raise ConfigError(
+            f"IDENTIFY_THRESHOLD must be within -1..1 (cosine), got {s.identify_threshold}"
+        )
+    if s.gallery_ann_min_faces < 0:
+        raise ConfigError(f"GALLERY_ANN_MIN_FACES must be >= 0, got {s.gallery_ann_min_faces}")
+    if not 0.0 < s.track_min_iou < 1.0:
+        raise ConfigError(f"TRACK_MIN_IOU must be within 0..1 (exclusive), got {s.track_min_iou}")
+    if s.track_better_view <= 1.0:
+        raise ConfigError(f"TRACK_BETTER_VIEW must be > 1, got {s.track_better_view}")
     if s.log_level.upper() not in {"DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"}:
         raise ConfigError(
             f"LOG_LEVEL must be DEBUG, INFO, WARNING, ERROR or CRITICAL, got {s.log_level}"
