@@ -376,3 +376,47 @@ def test_release_whose_service_crashes_at_start_is_rolled_back(fleet: Fleet) -> 
             "jetson-a", "journalctl -u appliance --no-pager | grep -i -m1 'address' || true"
         ).lower()
     )
+
+
+@pytest.mark.timeout(900)
+def test_a_settings_and_token_change_alone_restarts_without_reinstalling(fleet: Fleet) -> None:
+    pid_before = fleet.ssh("jetson-c", "systemctl show appliance -p MainPID --value")
+    marker_before = fleet.ssh("jetson-c", "stat -c %Y /opt/appliance/releases/1.0.0/.installed")
+    rc, output = fleet.playbook(
+        "playbooks/site.yml",
+        "settings and token change",
+        "--limit",
+        "jetson-c",
+        "--tags",
+        "appliance",
+        "-e",
+        "appliance_api_token=fleet-token-2",
+        "-e",
+        json.dumps(
+            {
+                "fleet_settings": {
+                    "det_batch_size": 1,
+                    "rec_batch_size": 1,
+                    "inference_backend": "onnx",
+                    "telemetry_source": "sysfs",
+                    "watchdog_min_dwell_s": 1.0,
+                    "det_threshold": 0.55,
+                }
+            }
+        ),
+    )
+    assert rc == 0, output[-4000:]
+    assert "fleet-token-2" not in output  # the secrets task has no_log
+    assert "RUNNING HANDLER [appliance : Restart the appliance]" in output
+    # Same release, not reinstalled: the venv install did not run, its marker is untouched.
+    assert re.search(
+        r"TASK \[appliance : Install the wheels by hash, with no index\] \*+\nskipping: \[jetson-c\]",
+        output,
+    ), output[-4000:]
+    assert fleet.ssh("jetson-c", "stat -c %Y /opt/appliance/releases/1.0.0/.installed") == (
+        marker_before
+    )
+    assert fleet.ssh("jetson-c", "systemctl show appliance -p MainPID --value") != pid_before
+    status, info = _http("jetson-c", "/info", "fleet-token-2")
+    assert status == 200 and info["settings"]["det_threshold"] == 0.55
+    assert _http("jetson-c", "/info", TOKEN)[0] == 401
