@@ -1,10 +1,10 @@
 """The fleet rollout (playbooks/site.yml, roles/appliance, roles/engines) on sandbox hosts.
 
-One molecule scenario (`molecule/fleet`: jetson-a the canary, then jetson-b and jetson-c one
+One molecule scenario (`molecule/fleet`: fleet-a the canary, then fleet-b and fleet-c one
 at a time) is created once for the module; the tests are phases of one fleet's life, in order:
 a first install that fails its health gate (no previous release), release 1 everywhere
 (idempotent, verified inside and from the controller with the real models and t1.jpg), release
-2 where the canary passes and jetson-b fails its gate, the rollback and engines playbooks, and a
+2 where the canary passes and fleet-b fails its gate, the rollback and engines playbooks, and a
 release whose service dies at start. The appliance really runs under systemd in each host, from
 a wheelhouse built here by tools/build-wheelhouse.sh.
 """
@@ -33,8 +33,8 @@ REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SHARED = REPO.parent / "shared"
 T1 = SHARED / "photos" / "t1.jpg"
-HOSTS = {"jetson-a": 41, "jetson-b": 42, "jetson-c": 43}
-TOKEN = "fleet-token-1"  # molecule/fleet/molecule.yml; jetson-b has none
+HOSTS = {"fleet-a": 41, "fleet-b": 42, "fleet-c": 43}
+TOKEN = "fleet-token-1"  # molecule/fleet/molecule.yml; fleet-b has none
 HOST_ROLES = "jetson_preflight,container_runtime,docker_network,jtop"
 SSH_KEY = Path(os.environ.get("APPLIANCE_SANDBOX_STATE", "/run/appliance-sandbox")) / "id_ed25519"
 
@@ -154,7 +154,7 @@ def _http(host: str, path: str, token: str = "", body: bytes | None = None) -> t
 def _recaps(output: str) -> dict[str, dict[str, int]]:
     return {
         host: {k: int(v) for k, v in re.findall(r"(\w+)=(\d+)", rest)}
-        for host, rest in re.findall(r"^(jetson-[abc])\s+:(.*)$", output, re.MULTILINE)
+        for host, rest in re.findall(r"^(fleet-[abc])\s+:(.*)$", output, re.MULTILINE)
     }
 
 
@@ -212,7 +212,7 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
 @pytest.mark.timeout(1500)
 def test_first_install_that_fails_its_gate_is_stopped_and_reported(fleet: Fleet) -> None:
     # molecule converge once (host roles + release 1 on the canary would be the operator's
-    # first run); here only jetson-c with limits that make it `critical`: no previous release.
+    # first run); here only fleet-c with limits that make it `critical`: no previous release.
     start = time.monotonic()
     output = fleet.molecule(
         "converge",
@@ -220,33 +220,33 @@ def test_first_install_that_fails_its_gate_is_stopped_and_reported(fleet: Fleet)
         "fleet",
         "--",
         "--limit",
-        "jetson-c",
+        "fleet-c",
         "--skip-tags",
         HOST_ROLES,
         "-e",
-        '{"fleet_critical_hosts": ["jetson-c"]}',
+        '{"fleet_critical_hosts": ["fleet-c"]}',
         check=False,
     )
     fleet.durations["first install fails"] = time.monotonic() - start
     flat = _flat(output)
-    assert "ROLLOUT-FAILED jetson-c: release 1.0.0 failed" in flat, output[-4000:]
+    assert "ROLLOUT-FAILED fleet-c: release 1.0.0 failed" in flat, output[-4000:]
     assert "governor critical" in flat
     assert "no previous release to go back to (first install)" in flat
-    assert _recaps(output)["jetson-c"]["failed"] == 1
+    assert _recaps(output)["fleet-c"]["failed"] == 1
     # Stopped, disabled, no `current`: nothing half-installed serves.
-    assert fleet.ssh("jetson-c", "systemctl is-active appliance || true") in ("inactive", "failed")
-    assert fleet.ssh("jetson-c", "systemctl is-enabled appliance || true") == "disabled"
-    current_c, facts_c = fleet.release("jetson-c")
+    assert fleet.ssh("fleet-c", "systemctl is-active appliance || true") in ("inactive", "failed")
+    assert fleet.ssh("fleet-c", "systemctl is-enabled appliance || true") == "disabled"
+    current_c, facts_c = fleet.release("fleet-c")
     assert (current_c, facts_c["current"]) == ("", "")
-    assert _http("jetson-c", "/health/ready")[0] == 0
+    assert _http("fleet-c", "/health/ready")[0] == 0
 
 
 @pytest.mark.timeout(900)
 def test_status_prints_a_row_for_every_host_failing_ones_included(fleet: Fleet) -> None:
     rc, output = fleet.playbook("playbooks/status.yml", "status with nothing serving")
     assert rc == 0, output[-4000:]
-    rows = re.findall(r'"msg": "STATUS (jetson-[abc]) \| (.*)"', output)
-    assert [h for h, _ in rows] == ["jetson-a", "jetson-b", "jetson-c"], output[-3000:]
+    rows = re.findall(r'"msg": "STATUS (fleet-[abc]) \| (.*)"', output)
+    assert [h for h, _ in rows] == ["fleet-a", "fleet-b", "fleet-c"], output[-3000:]
     for _, row in rows:
         assert "release none" in row and "NOT READY: no answer" in row, row
 
@@ -258,7 +258,7 @@ def test_release_1_rolls_out_everywhere_idempotently_and_serves_the_real_models(
     start = time.monotonic()
     first = fleet.molecule("converge", "-s", "fleet", "--", "-e", "site_serial=2")
     fleet.durations["release 1 (full site.yml, 3 hosts)"] = time.monotonic() - start
-    assert "ENGINES-SKIPPED jetson-a: TensorRT is not importable by 1.0.0" in first
+    assert "ENGINES-SKIPPED fleet-a: TensorRT is not importable by 1.0.0" in first
     assert all(r["failed"] == 0 for r in _recaps(first).values())
     start = time.monotonic()
     second = fleet.molecule("converge", "-s", "fleet", "--", "-e", "site_serial=2")
@@ -274,7 +274,7 @@ def test_release_1_rolls_out_everywhere_idempotently_and_serves_the_real_models(
     # faces of t1.jpg; a token host refuses a request without it, the token-less host serves it.
     body = json.dumps({"images": {"data": [base64.b64encode(T1.read_bytes()).decode()]}}).encode()
     for host in HOSTS:
-        token = "" if host == "jetson-b" else TOKEN
+        token = "" if host == "fleet-b" else TOKEN
         status, answer = _http(host, "/extract", token, body)
         assert status == 200, answer
         faces = answer["data"][0]["faces"]
@@ -293,59 +293,59 @@ def test_release_1_rolls_out_everywhere_idempotently_and_serves_the_real_models(
 def test_release_2_canary_passes_the_second_host_fails_and_is_rolled_back(fleet: Fleet) -> None:
     rc, output = fleet.playbook(
         "playbooks/site.yml",
-        "release 2 (jetson-b fails its gate)",
+        "release 2 (fleet-b fails its gate)",
         "--skip-tags",
         HOST_ROLES,
         "-e",
         "appliance_version=2.0.0",
         "-e",
-        '{"fleet_critical_hosts": ["jetson-b"]}',
+        '{"fleet_critical_hosts": ["fleet-b"]}',
     )
     flat = _flat(output)
     assert rc != 0, output[-4000:]
     assert (
-        "ROLLOUT-FAILED jetson-b: release 2.0.0 failed (Assert the appliance is ready: jetson-b: "
+        "ROLLOUT-FAILED fleet-b: release 2.0.0 failed (Assert the appliance is ready: fleet-b: "
         "release 2.0.0 not ready after 60 s: HTTP 503, models loaded, governor critical"
     ) in flat, output[-4000:]
     assert "rolled back to 1.0.0, which is ready again" in flat
     recaps = _recaps(output)
-    # jetson-c comes after the failed host: never touched, not even connected to.
-    assert "jetson-c" not in recaps, output[-3000:]
-    assert fleet.releases_installed("jetson-c") == {"1.0.0"}
-    # The canary kept release 2; jetson-b is back on release 1, ready, and records why.
-    current_a, facts_a = fleet.release("jetson-a")
+    # fleet-c comes after the failed host: never touched, not even connected to.
+    assert "fleet-c" not in recaps, output[-3000:]
+    assert fleet.releases_installed("fleet-c") == {"1.0.0"}
+    # The canary kept release 2; fleet-b is back on release 1, ready, and records why.
+    current_a, facts_a = fleet.release("fleet-a")
     assert (current_a, facts_a["current"], facts_a["previous"]) == ("2.0.0", "2.0.0", "1.0.0")
-    assert _http("jetson-a", "/info", TOKEN)[1]["version"] == "2.0.0"
-    current_b, facts_b = fleet.release("jetson-b")
+    assert _http("fleet-a", "/info", TOKEN)[1]["version"] == "2.0.0"
+    current_b, facts_b = fleet.release("fleet-b")
     assert (current_b, facts_b["current"], facts_b["previous"]) == ("1.0.0", "1.0.0", "2.0.0")
-    assert _http("jetson-b", "/health/ready")[0] == 200
-    assert _http("jetson-b", "/info")[1]["version"] == "1.0.0"
+    assert _http("fleet-b", "/health/ready")[0] == 200
+    assert _http("fleet-b", "/info")[1]["version"] == "1.0.0"
 
     rc, output = fleet.playbook("playbooks/status.yml", "status after release 2")
     assert rc == 0, output[-3000:]
-    rows = dict(re.findall(r'"msg": "STATUS (jetson-[abc]) \| (.*)"', output))
-    assert rows["jetson-a"].startswith("release 2.0.0 (previous 1.0.0) | backend onnx"), rows
+    rows = dict(re.findall(r'"msg": "STATUS (fleet-[abc]) \| (.*)"', output))
+    assert rows["fleet-a"].startswith("release 2.0.0 (previous 1.0.0) | backend onnx"), rows
     assert (
         "models scrfd_2.5g_bnkps+mobilefacenet_128 | governor ok | max temp 45.0 C"
-        in (rows["jetson-a"])
+        in (rows["fleet-a"])
     )
-    assert rows["jetson-b"].startswith("release 1.0.0 (previous 2.0.0)"), rows
+    assert rows["fleet-b"].startswith("release 1.0.0 (previous 2.0.0)"), rows
     assert all("| READY |" in r for r in rows.values()), rows
 
 
 @pytest.mark.timeout(900)
 def test_rollback_and_engines_playbooks(fleet: Fleet) -> None:
-    rc, output = fleet.playbook("playbooks/rollback.yml", "rollback by hand", "--limit", "jetson-a")
+    rc, output = fleet.playbook("playbooks/rollback.yml", "rollback by hand", "--limit", "fleet-a")
     assert rc == 0, output[-4000:]
-    assert "ROLLBACK-OK jetson-a: 2.0.0 -> 1.0.0 (ready)" in output
-    assert fleet.release("jetson-a")[0] == "1.0.0"
-    assert _http("jetson-a", "/info", TOKEN)[1]["version"] == "1.0.0"
+    assert "ROLLBACK-OK fleet-a: 2.0.0 -> 1.0.0 (ready)" in output
+    assert fleet.release("fleet-a")[0] == "1.0.0"
+    assert _http("fleet-a", "/info", TOKEN)[1]["version"] == "1.0.0"
 
-    rc, output = fleet.playbook("playbooks/engines.yml", "engines", "--limit", "jetson-a")
+    rc, output = fleet.playbook("playbooks/engines.yml", "engines", "--limit", "fleet-a")
     assert rc == 0, output[-4000:]
     # TensorRT is absent here: the skip is said, not hidden, and the host is still ready.
-    assert "ENGINES-SKIPPED jetson-a: TensorRT is not importable by 1.0.0" in output
-    assert "jetson-a: ready, release 1.0.0" in output
+    assert "ENGINES-SKIPPED fleet-a: TensorRT is not importable by 1.0.0" in output
+    assert "fleet-a: ready, release 1.0.0" in output
 
 
 @pytest.mark.timeout(900)
@@ -354,39 +354,39 @@ def test_release_whose_service_crashes_at_start_is_rolled_back(fleet: Fleet) -> 
         "playbooks/site.yml",
         "release 3 crashes",
         "--limit",
-        "jetson-a",
+        "fleet-a",
         "--skip-tags",
         HOST_ROLES,
         "-e",
         "appliance_version=3.0.0",
         "-e",
-        '{"fleet_crash_hosts": ["jetson-a"]}',
+        '{"fleet_crash_hosts": ["fleet-a"]}',
     )
     flat = _flat(output)
     assert rc != 0
-    assert "ROLLOUT-FAILED jetson-a: release 3.0.0 failed" in flat, output[-4000:]
+    assert "ROLLOUT-FAILED fleet-a: release 3.0.0 failed" in flat, output[-4000:]
     assert "no answer on port 18080" in flat
     assert "rolled back to 1.0.0, which is ready again" in flat
-    assert fleet.release("jetson-a")[0] == "1.0.0"
-    assert _http("jetson-a", "/info", TOKEN)[1]["version"] == "1.0.0"
+    assert fleet.release("fleet-a")[0] == "1.0.0"
+    assert _http("fleet-a", "/info", TOKEN)[1]["version"] == "1.0.0"
     # systemd kept restarting the crashing release (Restart=on-failure) until the rollback.
     assert (
         "address"
         in fleet.ssh(
-            "jetson-a", "journalctl -u appliance --no-pager | grep -i -m1 'address' || true"
+            "fleet-a", "journalctl -u appliance --no-pager | grep -i -m1 'address' || true"
         ).lower()
     )
 
 
 @pytest.mark.timeout(900)
 def test_a_settings_and_token_change_alone_restarts_without_reinstalling(fleet: Fleet) -> None:
-    pid_before = fleet.ssh("jetson-c", "systemctl show appliance -p MainPID --value")
-    marker_before = fleet.ssh("jetson-c", "stat -c %Y /opt/appliance/releases/1.0.0/.installed")
+    pid_before = fleet.ssh("fleet-c", "systemctl show appliance -p MainPID --value")
+    marker_before = fleet.ssh("fleet-c", "stat -c %Y /opt/appliance/releases/1.0.0/.installed")
     rc, output = fleet.playbook(
         "playbooks/site.yml",
         "settings and token change",
         "--limit",
-        "jetson-c",
+        "fleet-c",
         "--tags",
         "appliance",
         "-e",
@@ -410,13 +410,13 @@ def test_a_settings_and_token_change_alone_restarts_without_reinstalling(fleet: 
     assert "RUNNING HANDLER [appliance : Restart the appliance]" in output
     # Same release, not reinstalled: the venv install did not run, its marker is untouched.
     assert re.search(
-        r"TASK \[appliance : Install the wheels by hash, with no index\] \*+\nskipping: \[jetson-c\]",
+        r"TASK \[appliance : Install the wheels by hash, with no index\] \*+\nskipping: \[fleet-c\]",
         output,
     ), output[-4000:]
-    assert fleet.ssh("jetson-c", "stat -c %Y /opt/appliance/releases/1.0.0/.installed") == (
+    assert fleet.ssh("fleet-c", "stat -c %Y /opt/appliance/releases/1.0.0/.installed") == (
         marker_before
     )
-    assert fleet.ssh("jetson-c", "systemctl show appliance -p MainPID --value") != pid_before
-    status, info = _http("jetson-c", "/info", "fleet-token-2")
+    assert fleet.ssh("fleet-c", "systemctl show appliance -p MainPID --value") != pid_before
+    status, info = _http("fleet-c", "/info", "fleet-token-2")
     assert status == 200 and info["settings"]["det_threshold"] == 0.55
-    assert _http("jetson-c", "/info", TOKEN)[0] == 401
+    assert _http("fleet-c", "/info", TOKEN)[0] == 401
