@@ -35,7 +35,7 @@ SHARED = REPO.parent / "shared"
 T1 = SHARED / "photos" / "t1.jpg"
 HOSTS = {"fleet-a": 41, "fleet-b": 42, "fleet-c": 43}
 TOKEN = "fleet-token-1"  # molecule/fleet/molecule.yml; fleet-b has none
-HOST_ROLES = "jetson_preflight,container_runtime,docker_network,jtop"
+HOST_ROLES = "preflight,container_runtime,docker_network,jtop"
 SSH_KEY = Path(os.environ.get("APPLIANCE_SANDBOX_STATE", "/run/appliance-sandbox")) / "id_ed25519"
 
 
