@@ -8,7 +8,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 SUDO := $(shell [ "$$(id -u)" = 0 ] || echo sudo)
 
-.PHONY: run test test-fast lint typecheck format bench clean system-deps
+.PHONY: run test test-fast lint typecheck format bench fuzz clean system-deps
 
 system-deps:
 	@if command -v apt-get >/dev/null; then \
@@ -54,6 +54,17 @@ typecheck: $(STAMP)
 format: $(STAMP)
 	$(VENV)/bin/ruff format appliance tests benchmarks
 	$(VENV)/bin/ruff check --fix appliance tests benchmarks
+
+# Coverage-guided fuzzing (atheris) of the image decoder and the URL guard, FUZZ_SECONDS per
+# target; new interesting inputs are added to tests/corpus/<target> (commit the good ones),
+# crashes land in test-artifacts/fuzz/. CI runs a bounded number of inputs (tests/test_fuzz_atheris.py).
+FUZZ_SECONDS ?= 600
+fuzz: $(STAMP)
+	mkdir -p test-artifacts/fuzz
+	FUZZ_TARGET=images $(PY) -m tests.fuzz_target -max_total_time=$(FUZZ_SECONDS) \
+		-dict=tests/corpus/images.dict -artifact_prefix=test-artifacts/fuzz/ tests/corpus/images
+	FUZZ_TARGET=urls $(PY) -m tests.fuzz_target -max_total_time=$(FUZZ_SECONDS) \
+		-artifact_prefix=test-artifacts/fuzz/ tests/corpus/urls
 
 bench: $(STAMP)
 	$(PY) benchmarks/serving_overhead.py

@@ -68,6 +68,9 @@ class Settings:
     retry_after_s: int = 1
     request_timeout_s: float = 30.0
     max_image_pixels: int = 40_000_000
+    # Decoded pixels held at once across all requests and streams (3 bytes each): past it,
+    # 503 + Retry-After. Four images of the default MAX_IMAGE_PIXELS, 480 MB.
+    max_pixels_in_flight: int = 160_000_000
     max_body_bytes: int = 32 * 1024 * 1024
     max_images_per_request: int = 64
     allow_url_inputs: bool = False
@@ -133,6 +136,7 @@ _POSITIVE_INT = (
     "rec_batch_size",
     "max_queue",
     "max_image_pixels",
+    "max_pixels_in_flight",
     "max_body_bytes",
     "max_images_per_request",
     "max_frame_bytes",
@@ -158,6 +162,11 @@ def _validate(s: Settings) -> None:
     for name in _POSITIVE_FLOAT:
         if getattr(s, name) <= 0:
             raise ConfigError(f"{name.upper()} must be > 0, got {getattr(s, name)}")
+    if s.max_pixels_in_flight < s.max_image_pixels:
+        raise ConfigError(
+            "MAX_PIXELS_IN_FLIGHT must be >= MAX_IMAGE_PIXELS (one image must fit), got "
+            f"{s.max_pixels_in_flight} < {s.max_image_pixels}"
+        )
     if not 0 <= s.batch_window_ms <= 1000:
         raise ConfigError(f"BATCH_WINDOW_MS must be within 0..1000, got {s.batch_window_ms}")
     if not 1 <= s.port <= 65535:

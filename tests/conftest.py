@@ -14,6 +14,7 @@ from aiohttp.test_utils import TestClient
 from appliance.api.app import create_app
 from appliance.config import Settings, load_settings
 from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
+from tests.helpers import write_calm_sysfs
 from tests.real_data import photos, real_models
 
 __all__ = ["photos", "real_models"]  # fixtures on the shared real models and photos
@@ -47,8 +48,13 @@ def models_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return write_models(tmp_path_factory.mktemp("models"))
 
 
+@pytest.fixture(scope="session")
+def calm_sysfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return write_calm_sysfs(tmp_path_factory.mktemp("sysfs"))
+
+
 @pytest.fixture
-def make_settings(models_dir: Path) -> Callable[..., Settings]:
+def make_settings(models_dir: Path, calm_sysfs: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "models_dir": models_dir,
@@ -58,6 +64,9 @@ def make_settings(models_dir: Path) -> Callable[..., Settings]:
             "det_batch_size": 4,
             "rec_batch_size": 8,
             "log_format": "json",
+            # Never the CI host's real /sys and /proc/meminfo (issue 12 defect 8).
+            "telemetry_source": "sysfs",
+            "sysfs_root": calm_sysfs,
         }
         values.update(overrides)
         return load_settings(env={}, **values)

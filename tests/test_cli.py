@@ -16,6 +16,13 @@ import pytest
 from appliance.cli import main
 
 
+@pytest.fixture(autouse=True)
+def calm_telemetry(monkeypatch: pytest.MonkeyPatch, calm_sysfs: Path) -> None:
+    """Servers started here inherit a calm tree, never the CI host's /sys (issue 12 defect 8)."""
+    monkeypatch.setenv("TELEMETRY_SOURCE", "sysfs")
+    monkeypatch.setenv("SYSFS_ROOT", str(calm_sysfs))
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -113,7 +113,9 @@ def create_app(settings: Settings) -> web.Application:
     )
     app[state.SETTINGS] = settings
     app[state.METRICS] = Metrics()
-    app[state.DECODER] = ImageDecoder.create(settings.max_image_pixels)
+    app[state.DECODER] = ImageDecoder.create(
+        settings.max_image_pixels, max_pixels_in_flight=settings.max_pixels_in_flight
+    )
     app[state.MODELS] = state.ModelsState(backend="none", detector={}, recognizer={})
     app[state.INFO_PROVIDERS] = {}
     app[state.READINESS_CHECKS] = {}

@@ -4,20 +4,26 @@ Items are collected until the model's max batch is reached or a short window has
 since the first item arrived, then run together on the batcher's own worker thread; each
 item's asyncio future is resolved on the event loop. The queue is bounded: when it is full,
 new work is refused at once (`QueueFullError`), never queued without bound.
+
+The worker thread outlives any one event loop's interest in its results: a loop that closed
+while its items ran (a client gone, a test's loop torn down, shutdown) must not kill the
+thread, so every hand-back to a loop goes through `_post`, which drops what cannot be
+delivered and logs it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-import logging
 import threading
 import time
 from collections import deque
 from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
+import structlog
 
 FloatArray = npt.NDArray[np.float32]
 Outputs = dict[str, FloatArray]
@@ -26,9 +32,14 @@ RunBatch = Callable[[FloatArray], Outputs]
 # Tags say where each item came from ("rest", "stream"), so shared batches are visible.
 BatchObserver = Callable[[list[str], float], None]
 
+log = structlog.get_logger(__name__)
+
 
 class QueueFullError(RuntimeError):
-    """The batcher's queue is at MAX_QUEUE; the caller should retry later."""
+    """Capacity is exhausted (a batcher's queue at MAX_QUEUE); the caller should retry later.
+
+    The first word of the message names what is full; the API uses it as a metric label.
+    """
 
 
 class BatcherClosedError(RuntimeError):
@@ -89,9 +100,7 @@ class DynamicBatcher:
             self._queue.clear()
             self._cond.notify_all()
         for item in pending:
-            item.loop.call_soon_threadsafe(
-                _fail, item.future, BatcherClosedError(f"{self.name} stopped")
-            )
+            _post(item, _fail, BatcherClosedError(f"{self.name} stopped"))
         if self._thread is not None:
             await asyncio.to_thread(self._thread.join)
             self._thread = None
@@ -164,19 +173,38 @@ class DynamicBatcher:
                 {name: value[i] for name, value in outputs.items()} for i in range(len(batch))
             ]
         except Exception as exc:  # a failed batch fails its items, never the worker
+            log.warning(
+                "batch_failed",
+                batcher=self.name,
+                items=len(batch),
+                error=f"{type(exc).__name__}: {exc}",
+            )
             for item in batch:
-                item.loop.call_soon_threadsafe(_fail, item.future, exc)
+                _post(item, _fail, exc)
             return
         elapsed = time.perf_counter() - start
         self.batches_run += 1
         self.items_run += len(batch)
         for item, result in zip(batch, results, strict=True):
-            item.loop.call_soon_threadsafe(_resolve, item.future, result)
+            _post(item, _resolve, result)
         if self._observer is not None:
             try:
                 self._observer([item.tag for item in batch], elapsed)
-            except Exception:  # metrics must never stop inference
-                logging.getLogger(__name__).exception("batch observer failed")
+            except Exception as exc:  # metrics must never stop inference
+                log.error(
+                    "batch_observer_failed", batcher=self.name, error=f"{type(exc).__name__}: {exc}"
+                )
+
+
+def _post(
+    item: _Item, callback: Callable[[asyncio.Future[Outputs], Any], None], value: Any
+) -> None:
+    """Hand a result or an error to the item's loop; a closed loop has nobody to tell."""
+    try:
+        item.loop.call_soon_threadsafe(callback, item.future, value)
+    except RuntimeError:
+        # call_soon_threadsafe raises RuntimeError on a closed loop: its awaiting task is gone.
+        log.info("batch_result_dropped", tag=item.tag, reason="event loop closed")
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs) -> None:

@@ -1,35 +1,65 @@
 """Image decoding with limits, EXIF orientation, and the letterbox used by the detector.
 
 JPEG goes through PyTurboJPEG when its library loads (several times faster than OpenCV on
-the Orin's CPU); everything else, and JPEG when libturbojpeg is missing, through OpenCV.
-The pixel limit is checked from the header before any pixel is decoded, so a small file that
-claims to be enormous (a decompression bomb) is refused cheaply.
+the Orin's CPU); everything else, JPEG when libturbojpeg is missing, and JPEG that
+libjpeg-turbo's fast path refuses (CMYK/YCCK, as InsightFace-REST does) through OpenCV.
+
+Every decode starts from the header (`image_formats.read_header`): the format must be one we
+can size from its header, and the pixel limit is checked before any pixel is decoded, so a
+small file that claims to be enormous (a decompression bomb) is refused in microseconds.
+OpenCV's own limit (OPENCV_IO_MAX_IMAGE_PIXELS, set in `appliance/__init__.py` because OpenCV
+reads it once, when the library loads) is a second line behind ours, and the decoded shape is
+compared with the header's claim. Decoded pixels in flight are bounded by a `PixelBudget`.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import struct
-from collections.abc import Iterator
 from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from appliance.pipeline.budget import PixelBudget, Reservation
+from appliance.pipeline.image_formats import (
+    JPEG_MAGIC,
+    PNG_MAGIC,
+    ImageError,
+    ImageInfo,
+    check_png_chunks,
+    is_jpeg,
+    is_png,
+    jpeg_segments,
+    jpeg_size,
+    png_size,
+    read_header,
+)
+
 ImageArray = npt.NDArray[np.uint8]
 
+# Four images at the default MAX_IMAGE_PIXELS: 480 MB of BGR pixels at most, a small share of
+# an Orin's 32-64 GB that the models and the OS share.
+DEFAULT_PIXELS_IN_FLIGHT = 160_000_000
 
-class ImageError(ValueError):
-    """An image that cannot be used; `code` is the machine-readable reason."""
-
-    def __init__(self, code: str, message: str) -> None:
-        super().__init__(message)
-        self.code = code
-
-
-JPEG_MAGIC = b"\xff\xd8"
-PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
+__all__ = [
+    "DEFAULT_PIXELS_IN_FLIGHT",
+    "JPEG_MAGIC",
+    "PNG_MAGIC",
+    "ImageArray",
+    "ImageDecoder",
+    "ImageError",
+    "ImageInfo",
+    "apply_orientation",
+    "encode_jpeg",
+    "exif_orientation",
+    "is_jpeg",
+    "is_png",
+    "jpeg_size",
+    "letterbox",
+    "png_size",
+]
 
 
 def _load_turbojpeg() -> Any | None:
@@ -48,24 +78,55 @@ class ImageDecoder:
 
     max_pixels: int
     turbo: Any | None = dataclasses.field(default=None)
+    budget: PixelBudget = dataclasses.field(
+        default_factory=lambda: PixelBudget(DEFAULT_PIXELS_IN_FLIGHT)
+    )
+
+    def __post_init__(self) -> None:
+        if self.budget.capacity < self.max_pixels:
+            raise ValueError("the pixel budget must hold at least one image of max_pixels")
 
     @classmethod
-    def create(cls, max_pixels: int, use_turbojpeg: bool = True) -> ImageDecoder:
-        return cls(max_pixels=max_pixels, turbo=_load_turbojpeg() if use_turbojpeg else None)
+    def create(
+        cls,
+        max_pixels: int,
+        use_turbojpeg: bool = True,
+        max_pixels_in_flight: int = DEFAULT_PIXELS_IN_FLIGHT,
+    ) -> ImageDecoder:
+        return cls(
+            max_pixels=max_pixels,
+            turbo=_load_turbojpeg() if use_turbojpeg else None,
+            budget=PixelBudget(max(max_pixels_in_flight, max_pixels)),
+        )
 
     @property
     def jpeg_library(self) -> str:
         return "turbojpeg" if self.turbo is not None else "opencv"
 
-    def decode(self, data: bytes) -> ImageArray:
+    def probe(self, data: bytes) -> ImageInfo:
+        """Format and size from the header, with the pixel limit checked; no pixel decoded."""
         if not data:
             raise ImageError("empty_image", "image data is empty")
-        if data.startswith(JPEG_MAGIC):
-            return self._decode_jpeg(data)
-        if data.startswith(PNG_MAGIC):
-            width, height = png_size(data)
-            self._check_pixels(width, height)
-        return self._decode_opencv(data)
+        info = read_header(data)
+        self._check_pixels(info.width, info.height)
+        return info
+
+    def decode(self, data: bytes, reservation: Reservation | None = None) -> ImageArray:
+        """Decode under `reservation` (the caller's hold on the budget) or a hold of its own."""
+        info = self.probe(data)
+        if reservation is None:
+            with self.budget.reserve(info.pixels):
+                return self._decode(data, info)
+        if reservation.released or reservation.pixels < info.pixels:
+            raise ValueError(
+                f"the reservation holds {reservation.pixels} pixels; this image needs {info.pixels}"
+            )
+        return self._decode(data, info)
+
+    def _decode(self, data: bytes, info: ImageInfo) -> ImageArray:
+        if info.format == "jpeg" and self.turbo is not None:
+            return self._decode_turbo(data, info)
+        return self._decode_opencv(data, info)
 
     def _check_pixels(self, width: int, height: int) -> None:
         if width <= 0 or height <= 0:
@@ -79,62 +140,51 @@ class ImageDecoder:
                 f"the limit (MAX_IMAGE_PIXELS) is {self.max_pixels}",
             )
 
-    def _decode_jpeg(self, data: bytes) -> ImageArray:
-        if self.turbo is None:
-            width, height = jpeg_size(data)
-            self._check_pixels(width, height)
-            return self._decode_opencv(data)
+    def _decode_turbo(self, data: bytes, info: ImageInfo) -> ImageArray:
+        assert self.turbo is not None
         try:
             width, height, _, _ = self.turbo.decode_header(data)
         except OSError as exc:
             raise ImageError("corrupt_image", f"JPEG header cannot be read: {exc}") from None
-        self._check_pixels(width, height)
+        if (width, height) != (info.width, info.height):
+            raise ImageError("corrupt_image", "JPEG frame headers disagree about its size")
         try:
             img = self.turbo.decode(data)
-        except OSError as exc:
-            raise ImageError("corrupt_image", f"JPEG cannot be decoded: {exc}") from None
-        if img is None or img.ndim != 3 or img.shape[0] != height:
+        except OSError:
+            # libjpeg-turbo's fast path refuses some valid files (CMYK and YCCK colour, as
+            # InsightFace-REST found): OpenCV's libjpeg converts them.
+            return self._decode_opencv(data, info)
+        if img is None or img.ndim != 3 or img.shape[:2] != (height, width):
             raise ImageError("corrupt_image", "JPEG decoded to an unexpected shape")
         # libjpeg-turbo reports a truncated file as a warning and fills the rest with grey; a
         # missing end-of-image marker is how we notice it.
         _check_complete_jpeg(data)
         return apply_orientation(np.ascontiguousarray(img), exif_orientation(data))
 
-    def _decode_opencv(self, data: bytes) -> ImageArray:
+    def _decode_opencv(self, data: bytes, info: ImageInfo) -> ImageArray:
+        if info.format == "png":
+            check_png_chunks(data)
         buf = np.frombuffer(data, dtype=np.uint8)
-        # IMREAD_COLOR applies the EXIF orientation itself.
-        img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        try:
+            # IMREAD_COLOR applies the EXIF orientation itself.
+            img = cv2.imdecode(buf, cv2.IMREAD_COLOR)
+        except cv2.error as exc:
+            if "CV_IO_MAX_IMAGE" in str(exc):
+                raise ImageError(
+                    "image_too_large",
+                    f"image is {info.width}x{info.height}, over OpenCV's limit "
+                    "(OPENCV_IO_MAX_IMAGE_PIXELS)",
+                ) from None
+            raise ImageError("corrupt_image", f"{info.format.upper()} cannot be decoded") from None
         if img is None:
-            raise ImageError(
-                "corrupt_image", "data is not a decodable image (JPEG, PNG, BMP, WebP...)"
-            )
-        self._check_pixels(img.shape[1], img.shape[0])
-        if data.startswith(JPEG_MAGIC):
+            raise ImageError("corrupt_image", f"{info.format.upper()} cannot be decoded")
+        if img.ndim != 3 or sorted(img.shape[:2]) != sorted((info.height, info.width)):
+            # EXIF may have swapped width and height; anything else means the decoder read a
+            # different size than the header we checked.
+            raise ImageError("corrupt_image", "image decoded to a size its header did not claim")
+        if info.format == "jpeg":
             _check_complete_jpeg(data)
         return np.asarray(img, dtype=np.uint8)
-
-
-def _jpeg_segments(data: bytes) -> Iterator[tuple[int, int, int]]:
-    """(marker, segment start, segment length) of each header segment up to the first scan.
-
-    0xFF fill bytes before a marker are allowed by the JPEG standard and skipped.
-    """
-    pos = 2
-    while pos + 4 <= len(data):
-        if data[pos] != 0xFF:
-            raise ImageError("corrupt_image", "JPEG marker structure is broken")
-        marker = data[pos + 1]
-        if marker == 0xFF:
-            pos += 1
-            continue
-        if marker in (0xD8, 0x01) or 0xD0 <= marker <= 0xD7:
-            pos += 2
-            continue
-        length = struct.unpack(">H", data[pos + 2 : pos + 4])[0]
-        yield marker, pos, length
-        if marker == 0xDA:
-            return
-        pos += 2 + length
 
 
 def _check_complete_jpeg(data: bytes) -> None:
@@ -144,32 +194,15 @@ def _check_complete_jpeg(data: bytes) -> None:
     data never contains FF D9 (0xFF bytes are stuffed), so the first FF D9 after the scan header
     ends the image; bytes after it (phone trailers, motion-photo video) are allowed.
     """
-    scan = next((pos for marker, pos, _ in _jpeg_segments(data) if marker == 0xDA), None)
+    scan = next((pos for marker, pos, _ in jpeg_segments(data) if marker == 0xDA), None)
     if scan is None or data.find(b"\xff\xd9", scan) == -1:
         raise ImageError("corrupt_image", "JPEG is truncated (no end-of-image marker)")
-
-
-def png_size(data: bytes) -> tuple[int, int]:
-    if len(data) < 24 or data[12:16] != b"IHDR":
-        raise ImageError("corrupt_image", "PNG header is truncated or has no IHDR chunk")
-    width, height = struct.unpack(">II", data[16:24])
-    return int(width), int(height)
-
-
-def jpeg_size(data: bytes) -> tuple[int, int]:
-    """Width and height from the first start-of-frame marker."""
-    for marker, pos, _ in _jpeg_segments(data):
-        # SOF0..SOF15 except DHT (C4), JPG (C8) and DAC (CC) carry the frame size.
-        if 0xC0 <= marker <= 0xCF and marker not in (0xC4, 0xC8, 0xCC) and pos + 9 <= len(data):
-            height, width = struct.unpack(">HH", data[pos + 5 : pos + 9])
-            return int(width), int(height)
-    raise ImageError("corrupt_image", "JPEG has no frame header")
 
 
 def exif_orientation(data: bytes) -> int:
     """The EXIF orientation tag (1..8) of a JPEG, 1 when absent or unreadable."""
     try:
-        for marker, pos, length in _jpeg_segments(data):
+        for marker, pos, length in jpeg_segments(data):
             segment = data[pos + 4 : pos + 2 + length]
             if marker == 0xE1 and segment.startswith(b"Exif\x00\x00"):
                 return _orientation_from_tiff(segment[6:])
