@@ -106,7 +106,9 @@ class OnnxRuntimeBackend:
 
     def _run(self, batch: InputArray) -> dict[str, FloatArray]:
         n = batch.shape[0]
-        results = self._session.run(None, {self._input_name: np.ascontiguousarray(batch, self._dtype)})
+        results = self._session.run(
+            None, {self._input_name: np.ascontiguousarray(batch, self._dtype)}
+        )
         return {
             spec.name: with_batch_axis(np.asarray(value, dtype=np.float32), n)
             for spec, value in zip(self._outputs, results, strict=True)

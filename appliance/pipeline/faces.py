@@ -1,7 +1,9 @@
 """`FaceAnalyzer`: decoded images in, faces (box, score, landmarks, embedding) out.
 
 CPU-bound steps (letterbox, decoding the detector's outputs, alignment) run in a thread
-pool so the event loop stays free; model runs go through the two shared batchers.
+pool so the event loop stays free; model runs go through the two shared batchers. Both models
+take uint8 BGR pixels (the loader prepends the float conversion to their graphs): the
+letterboxed canvas and the aligned crops go to the batchers as they are.
 """
 
 from __future__ import annotations
@@ -95,7 +97,7 @@ class FaceAnalyzer:
 
     def _prepare_detection(
         self, img: ImageArray, max_size: tuple[int, int] | None
-    ) -> tuple[FloatArray, float]:
+    ) -> tuple[ImageArray, float]:
         full = self.detector.input_size
         if max_size is None or max_size == full:
             canvas, scale = letterbox(img, full)
@@ -105,12 +107,11 @@ class FaceAnalyzer:
             small, scale = letterbox(img, (min(max_size[0], full[0]), min(max_size[1], full[1])))
             canvas = np.zeros((full[1], full[0], 3), np.uint8)
             canvas[: small.shape[0], : small.shape[1]] = small
-        pre = self.detector.info.default_preprocess
-        return embed.to_blob(canvas, pre)[0], scale
+        return canvas, scale
 
     def _finish_detection(
         self, img: ImageArray, outputs: dict[str, FloatArray], scale: float, options: AnalyzeOptions
-    ) -> tuple[list[Face], list[ImageArray]]:
+    ) -> tuple[list[Face], ImageArray]:
         detections = decode_scrfd(
             self.detector.ordered(outputs),
             self.detector.input_size,
@@ -122,17 +123,18 @@ class FaceAnalyzer:
         if options.limit_faces > 0:
             detections = detections[: options.limit_faces]
         faces = [Face(bbox=d.bbox, prob=d.score, landmarks=d.landmarks) for d in detections]
-        crops = [
-            align.align_face(img, d.landmarks) if d.landmarks is not None else _center_crop(img, d)
-            for d in detections
-        ]
-        return faces, crops
+        if not (options.extract_embedding or options.return_face_data):
+            # Nobody asked for crops or embeddings: no alignment, no recognizer.
+            return faces, np.empty((0, align.CROP_SIZE, align.CROP_SIZE, 3), np.uint8)
+        return faces, _crops(img, detections)
 
-    async def analyze(self, img: ImageArray, options: AnalyzeOptions) -> ImageResult:
+    async def _detect(
+        self, img: ImageArray, options: AnalyzeOptions
+    ) -> tuple[list[Face], ImageArray, dict[str, float]]:
         t0 = time.perf_counter()
-        blob, scale = await self._cpu(self._prepare_detection, img, options.max_size)
+        canvas, scale = await self._cpu(self._prepare_detection, img, options.max_size)
         t1 = time.perf_counter()
-        outputs = await self.detector.batcher.submit(blob, options.source)
+        outputs = await self.detector.batcher.submit(canvas, options.source)
         t2 = time.perf_counter()
         faces, crops = await self._cpu(self._finish_detection, img, outputs, scale, options)
         t3 = time.perf_counter()
@@ -141,14 +143,31 @@ class FaceAnalyzer:
             "detect_ms": (t2 - t1) * 1e3,
             "detect_post_ms": (t3 - t2) * 1e3,
         }
-        if faces and (options.extract_embedding or options.return_face_data):
-            if options.return_face_data:
-                for face, crop in zip(faces, crops, strict=True):
-                    face.crop = crop
-            if options.extract_embedding:
-                await self._embed_into(faces, crops, options.source)
-                timings["embed_ms"] = (time.perf_counter() - t3) * 1e3
-        return ImageResult(faces=faces, timings_ms=timings)
+        if options.return_face_data:
+            for face, crop in zip(faces, crops, strict=True):
+                face.crop = crop
+        return faces, crops, timings
+
+    async def analyze(self, img: ImageArray, options: AnalyzeOptions) -> ImageResult:
+        return (await self.analyze_many([img], options))[0]
+
+    async def analyze_many(
+        self, images: list[ImageArray], options: AnalyzeOptions
+    ) -> list[ImageResult]:
+        """Every image of a request: detections run concurrently (the detector's batcher
+        groups them), then the crops of all images go to the recognizer in one submission."""
+        detected = await asyncio.gather(*(self._detect(img, options) for img in images))
+        results = [ImageResult(faces, timings) for faces, _, timings in detected]
+        faces = [face for found, _, _ in detected for face in found]
+        if faces and options.extract_embedding:
+            t0 = time.perf_counter()
+            crops = np.concatenate([crops for _, crops, _ in detected])
+            await self._embed_into(faces, crops, options.source)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            for result in results:
+                if result.faces:
+                    result.timings_ms["embed_ms"] = elapsed
+        return results
 
     async def embed_only(self, img: ImageArray, source: str = "rest") -> ImageResult:
         """The image is already an aligned crop: resize to 112x112 and embed it."""
@@ -163,20 +182,20 @@ class FaceAnalyzer:
         await self._embed_into([face], [crop], source)
         return ImageResult(faces=[face], timings_ms={"embed_ms": (time.perf_counter() - t0) * 1e3})
 
-    async def _embed_into(self, faces: list[Face], crops: list[ImageArray], source: str) -> None:
+    async def _embed_into(
+        self, faces: list[Face], crops: ImageArray | list[ImageArray], source: str
+    ) -> None:
+        """Embed the uint8 (N, 112, 112, 3) BGR crops into `faces` (the recognizer's graph
+        converts them; a graph that normalises itself was given no mean/std by the loader)."""
         rec = self.recognizer
         if rec is None:
             return
-        pre = rec.info.default_preprocess
-        if rec.normalizes_input:
-            pre = dataclasses.replace(pre, mean=0.0, std=1.0)
-        blob = await self._cpu(embed.to_blob, crops, pre)
         # A crowd has more crops than the queue holds: submit a model run's worth at a time,
         # so one image never needs the whole queue at once (all or nothing would refuse it).
         chunk = min(rec.batcher.max_batch, rec.batcher.max_queue)
         results = []
-        for start in range(0, len(blob), chunk):
-            results += await rec.batcher.submit_many(list(blob[start : start + chunk]), source)
+        for start in range(0, len(crops), chunk):
+            results += await rec.batcher.submit_many(list(crops[start : start + chunk]), source)
         raw = np.stack([rec.ordered(r)[0].reshape(-1) for r in results])
         vecs, norms = embed.normalize(raw)
         for face, vec, norm in zip(faces, vecs, norms, strict=True):
@@ -198,6 +217,16 @@ def _clip(d: Detection, img: ImageArray) -> _Clipped:
     x1, y1 = max(d.bbox[0], 0.0), max(d.bbox[1], 0.0)
     x2, y2 = min(d.bbox[2], float(w)), min(d.bbox[3], float(h))
     return _Clipped(max(x2 - x1, 0.0), max(y2 - y1, 0.0))
+
+
+def _crops(img: ImageArray, detections: list[Detection]) -> ImageArray:
+    """(N, 112, 112, 3) crops: aligned on landmarks in one call, the box for faces without."""
+    landmarks = [d.landmarks for d in detections if d.landmarks is not None]
+    if len(landmarks) == len(detections):
+        points = np.stack(landmarks) if landmarks else np.empty((0, 5, 2), np.float32)
+        return align.align_faces(img, points)
+    # A detector without landmark outputs gives none for any face.
+    return np.stack([_center_crop(img, d) for d in detections])
 
 
 def _resize_crop(img: ImageArray) -> ImageArray:
