@@ -17,6 +17,7 @@ import sys
 import warnings
 
 import atheris
+import cv2
 
 with atheris.instrument_imports(include=["appliance"]):
     from tests.fuzz_oracles import check_header_pair, check_image, check_url_text, make_decoders
@@ -40,8 +41,9 @@ def fuzz_urls(data: bytes) -> None:
 
 
 def main() -> None:
-    # libjpeg's "corrupt data" notices are expected on fuzzed input, not findings.
+    # libjpeg's and OpenCV's "corrupt data" notices are expected on fuzzed input, not findings.
     warnings.simplefilter("ignore")
+    cv2.utils.logging.setLogLevel(cv2.utils.logging.LOG_LEVEL_SILENT)
     target = {"images": fuzz_images, "urls": fuzz_urls}[TARGET]
     atheris.Setup(sys.argv, target)
     atheris.Fuzz()

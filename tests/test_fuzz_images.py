@@ -12,6 +12,7 @@ import time
 from collections import Counter
 from pathlib import Path
 
+import cv2
 import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -48,7 +49,7 @@ def seeds() -> dict[str, bytes]:
     grey = noise(24, 32, channels=1)
     return {
         "jpeg": encode(".jpg", img),
-        "jpeg_progressive": encode(".jpg", img, [1 + 1, 1]),  # IMWRITE_JPEG_PROGRESSIVE
+        "jpeg_progressive": encode(".jpg", img, [cv2.IMWRITE_JPEG_PROGRESSIVE, 1]),
         "jpeg_grey": encode(".jpg", grey),
         "jpeg_cmyk": cmyk_jpeg(24, 32),
         "png": encode(".png", img),
@@ -57,8 +58,9 @@ def seeds() -> dict[str, bytes]:
         "png_alpha": encode(".png", noise(24, 32, channels=4)),
         "bmp": encode(".bmp", img),
         "bmp_rle": rle_bmp(32, 24, rows=24),
-        "webp": encode(".webp", img),
-        "webp_lossless": encode(".webp", img, [64, 101]),  # IMWRITE_WEBP_QUALITY > 100
+        # OpenCV 5 writes lossless WebP by default; quality <= 100 gives lossy (VP8).
+        "webp": encode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 80]),
+        "webp_lossless": encode(".webp", img, [cv2.IMWRITE_WEBP_QUALITY, 101]),
     }
 
 
@@ -145,76 +147,47 @@ def claimed_sizes(draw: st.DrawFn) -> bytes:
     return webp_vp8x_header((w & 0xFFFFFF) + 1, (h & 0xFFFFFF) + 1)
 
 
-def test_fuzz_arbitrary_bytes_decode_or_raise_image_error(
-    capsys: pytest.CaptureFixture[str],
-) -> None:
-    decoders, outcomes, t0, rss0 = (
-        make_decoders(),
-        Counter[str](),
-        time.perf_counter(),
-        peak_rss_mb(),
-    )
+def fuzz_decoders(
+    capsys: pytest.CaptureFixture[str], name: str, inputs: st.SearchStrategy[bytes], examples: int
+) -> Counter[str]:
+    """Feed `examples` inputs to both decoding paths under the contract; returns the outcomes."""
+    decoders, outcomes = make_decoders(), Counter[str]()
+    t0, rss0 = time.perf_counter(), peak_rss_mb()
 
-    @settings(FUZZ, max_examples=1500)
-    @given(
-        st.binary(max_size=4096)
-        | st.sampled_from(MAGICS).flatmap(
-            lambda magic: st.binary(max_size=2048).map(lambda tail: magic + tail)
-        )
-    )
+    @settings(FUZZ, max_examples=examples)
+    @given(inputs)
     def run(data: bytes) -> None:
         for decoder in decoders:
             outcomes[check_image(decoder, data)] += 1
 
     run()
-    report(capsys, "images/arbitrary", outcomes, t0, rss0)
-    assert set(outcomes) <= {
-        "ok",
-        "corrupt_image",
-        "empty_image",
-        "unsupported_format",
-        "image_too_large",
-    }
+    report(capsys, name, outcomes, t0, rss0)
+    return outcomes
+
+
+def test_fuzz_arbitrary_bytes_decode_or_raise_image_error(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    behind_magic = st.sampled_from(MAGICS).flatmap(
+        lambda magic: st.binary(max_size=2048).map(lambda tail: magic + tail)
+    )
+    outcomes = fuzz_decoders(
+        capsys, "images/arbitrary", st.binary(max_size=4096) | behind_magic, 1500
+    )
+    codes = {"ok", "corrupt_image", "empty_image", "unsupported_format", "image_too_large"}
+    assert set(outcomes) <= codes
 
 
 def test_fuzz_mutated_images_decode_or_raise_image_error(
     capsys: pytest.CaptureFixture[str],
 ) -> None:
-    decoders, outcomes, t0, rss0 = (
-        make_decoders(),
-        Counter[str](),
-        time.perf_counter(),
-        peak_rss_mb(),
-    )
-
-    @settings(FUZZ, max_examples=2000)
-    @given(mutated())
-    def run(data: bytes) -> None:
-        for decoder in decoders:
-            outcomes[check_image(decoder, data)] += 1
-
-    run()
-    report(capsys, "images/mutated", outcomes, t0, rss0)
+    outcomes = fuzz_decoders(capsys, "images/mutated", mutated(), 2000)
     # The mutator reaches both sides of the contract, not only early refusals.
     assert outcomes["ok"] > 100 and outcomes["corrupt_image"] > 100
 
 
 def test_fuzz_claimed_sizes_never_decode_past_the_limit(capsys: pytest.CaptureFixture[str]) -> None:
-    decoders, outcomes, t0, rss0 = (
-        make_decoders(),
-        Counter[str](),
-        time.perf_counter(),
-        peak_rss_mb(),
-    )
-
-    @settings(FUZZ, max_examples=1000)
-    @given(claimed_sizes())
-    def run(data: bytes) -> None:
-        for decoder in decoders:
-            outcomes[check_image(decoder, data)] += 1
-
-    run()
-    report(capsys, "images/claimed-sizes", outcomes, t0, rss0)
+    outcomes = fuzz_decoders(capsys, "images/claimed-sizes", claimed_sizes(), 1000)
     assert outcomes["image_too_large"] > 100
 
 

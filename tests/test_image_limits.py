@@ -62,7 +62,7 @@ def no_pixel_decode(monkeypatch: pytest.MonkeyPatch) -> None:
         (encode(".png", noise(30, 50)), ImageInfo("png", 50, 30)),
         (encode(".bmp", noise(30, 50)), ImageInfo("bmp", 50, 30)),
         (encode(".bmp", noise(30, 50)[::-1].copy()), ImageInfo("bmp", 50, 30)),
-        (encode(".webp", noise(30, 50)), ImageInfo("webp", 50, 30)),
+        (encode(".webp", noise(30, 50), [cv2.IMWRITE_WEBP_QUALITY, 80]), ImageInfo("webp", 50, 30)),
         (
             encode(".webp", noise(30, 50), [cv2.IMWRITE_WEBP_QUALITY, 101]),
             ImageInfo("webp", 50, 30),
@@ -163,9 +163,18 @@ def test_cmyk_jpeg_falls_back_to_opencv(decoder: ImageDecoder) -> None:
     np.testing.assert_array_equal(out, expected)
 
 
-@pytest.mark.parametrize("ext", [".jpg", ".png", ".bmp", ".webp"])
-def test_one_pixel_images_decode(decoder: ImageDecoder, ext: str) -> None:
-    assert decoder.decode(encode(ext, noise(1, 1))).shape == (1, 1, 3)
+@pytest.mark.parametrize(
+    ("ext", "params"),
+    [
+        (".jpg", []),
+        (".png", []),
+        (".bmp", []),
+        (".webp", [cv2.IMWRITE_WEBP_QUALITY, 80]),
+        (".webp", []),
+    ],
+)
+def test_one_pixel_images_decode(decoder: ImageDecoder, ext: str, params: list[int]) -> None:
+    assert decoder.decode(encode(ext, noise(1, 1), params)).shape == (1, 1, 3)
 
 
 def test_sixteen_bit_png_decodes_to_eight_bits(decoder: ImageDecoder) -> None:

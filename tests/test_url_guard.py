@@ -12,6 +12,7 @@ import asyncio
 import socket
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
+from typing import Any
 
 import pytest
 from aiohttp import web
@@ -315,3 +316,35 @@ async def test_redirect_loops_and_oversize_bodies_fail_cleanly(net: Net) -> None
         with pytest.raises(UrlFetchFailed, match="larger than 4096 bytes"):
             await fetch_image(session, net.origin_url("/big"), 4096, ORIGIN_ALLOW)
     assert net.origin.hits == ["/loop"] * 4 + ["/big"]
+
+
+async def test_defect1_through_the_server_each_refused_url_is_its_own_error(
+    net: Net, serve: Any
+) -> None:
+    """End to end: the served app fetches with the guard; refusals are per-image entries."""
+    client = await serve(allow_url_inputs=True, url_allowlist=ORIGIN_ALLOW)
+    rec = net.recorders["127.0.0.2"]
+    urls = [
+        net.origin_url("/fine.jpg"),
+        net.redirect(f"http://127.0.0.2:{rec.port}/via-redirect"),
+        f"http://2130706434:{rec.port}/decimal",
+    ]
+    resp = await client.post("/extract", json={"images": {"urls": urls}})
+    body = await resp.json()
+    assert resp.status == 200
+    assert [e["status"] for e in body["data"]] == ["ok", "error", "error"]
+    assert [e.get("code") for e in body["data"][1:]] == ["url_refused", "url_refused"]
+    resp = await client.post(
+        "/extract",
+        json={
+            "images": {"urls": [net.origin_url("/fine.jpg")]},
+            "img_req_headers": {"X-Key": "a\r\nX-Injected: 1"},
+        },
+    )
+    body = await resp.json()
+    assert resp.status == 200
+    assert body["data"][0]["code"] == "bad_request"
+    assert "CR, LF or NUL" in body["data"][0]["error"]
+    # The origin served the fine image and the redirect; the header request never left.
+    assert [h.split("?")[0] for h in net.origin.hits] == ["/fine.jpg", "/redirect"]
+    assert net.all_hits() == {}
