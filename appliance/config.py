@@ -54,9 +54,10 @@ class Settings:
     # its own batcher thread. 0 = chosen for the backend (`backends.threads`).
     det_workers: int = 0
     rec_workers: int = 0
-    # Decode JPEGs at least twice the detector input at a reduced DCT scale (libjpeg-turbo):
-    # see docs/BENCHMARKS.md for the measured effect on detections and embeddings.
-    jpeg_dct_scaling: bool = True
+    # Decode JPEGs at least twice the detector input at a reduced DCT scale (libjpeg-turbo).
+    # Off: measured on the shared photos, embeddings of faces aligned from the reduced pixels
+    # moved by up to 0.05 in similarity (docs/BENCHMARKS.md, "Decoding at a reduced DCT scale").
+    jpeg_dct_scaling: bool = False
     models_dir: Path = Path("/var/lib/appliance/models")
     engines_dir: Path = Path("/var/lib/appliance/engines")
     # JSON file of operator models, InsightFace-REST's models.override.json; default: in models_dir.

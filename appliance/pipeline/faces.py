@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -22,7 +22,7 @@ from appliance.models.registry import ModelInfo
 from appliance.pipeline import align, embed
 from appliance.pipeline.batcher import DynamicBatcher
 from appliance.pipeline.detect import NMS_THRESHOLD, Detection, decode_scrfd
-from appliance.pipeline.images import ImageArray, letterbox
+from appliance.pipeline.images import Decoded, ImageArray, letterbox
 
 FloatArray = npt.NDArray[np.float32]
 T = TypeVar("T")
@@ -110,8 +110,9 @@ class FaceAnalyzer:
         return canvas, scale
 
     def _finish_detection(
-        self, img: ImageArray, outputs: dict[str, FloatArray], scale: float, options: AnalyzeOptions
+        self, image: Decoded, outputs: dict[str, FloatArray], scale: float, options: AnalyzeOptions
     ) -> tuple[list[Face], ImageArray]:
+        img = image.pixels
         detections = decode_scrfd(
             self.detector.ordered(outputs),
             self.detector.input_size,
@@ -119,24 +120,28 @@ class FaceAnalyzer:
             scale,
             self.nms_threshold,
         )
-        detections = [d for d in detections if _clip(d, img).size_ok(options.min_face_size)]
+        # Faces are reported (and sized) on the original image; crops come from the pixels.
+        pairs = [(d, _to_original(d, image)) for d in detections]
+        height, width = img.shape[0] / image.scale_y, img.shape[1] / image.scale_x
+        pairs = [p for p in pairs if _clip(p[1], width, height).size_ok(options.min_face_size)]
         if options.limit_faces > 0:
-            detections = detections[: options.limit_faces]
-        faces = [Face(bbox=d.bbox, prob=d.score, landmarks=d.landmarks) for d in detections]
+            pairs = pairs[: options.limit_faces]
+        detections = [d for d, _ in pairs]
+        faces = [Face(bbox=m.bbox, prob=m.score, landmarks=m.landmarks) for _, m in pairs]
         if not (options.extract_embedding or options.return_face_data):
             # Nobody asked for crops or embeddings: no alignment, no recognizer.
             return faces, np.empty((0, align.CROP_SIZE, align.CROP_SIZE, 3), np.uint8)
         return faces, _crops(img, detections)
 
     async def _detect(
-        self, img: ImageArray, options: AnalyzeOptions
+        self, image: Decoded, options: AnalyzeOptions
     ) -> tuple[list[Face], ImageArray, dict[str, float]]:
         t0 = time.perf_counter()
-        canvas, scale = await self._cpu(self._prepare_detection, img, options.max_size)
+        canvas, scale = await self._cpu(self._prepare_detection, image.pixels, options.max_size)
         t1 = time.perf_counter()
         outputs = await self.detector.batcher.submit(canvas, options.source)
         t2 = time.perf_counter()
-        faces, crops = await self._cpu(self._finish_detection, img, outputs, scale, options)
+        faces, crops = await self._cpu(self._finish_detection, image, outputs, scale, options)
         t3 = time.perf_counter()
         timings = {
             "detect_pre_ms": (t1 - t0) * 1e3,
@@ -148,15 +153,18 @@ class FaceAnalyzer:
                 face.crop = crop
         return faces, crops, timings
 
-    async def analyze(self, img: ImageArray, options: AnalyzeOptions) -> ImageResult:
+    async def analyze(self, img: ImageArray | Decoded, options: AnalyzeOptions) -> ImageResult:
+        """One image: decoded pixels, or a `Decoded` at a reduced scale (`decode_for`), whose
+        faces are reported in the original image's coordinates."""
         return (await self.analyze_many([img], options))[0]
 
     async def analyze_many(
-        self, images: list[ImageArray], options: AnalyzeOptions
+        self, images: Sequence[ImageArray | Decoded], options: AnalyzeOptions
     ) -> list[ImageResult]:
         """Every image of a request: detections run concurrently (the detector's batcher
         groups them), then the crops of all images go to the recognizer in one submission."""
-        detected = await asyncio.gather(*(self._detect(img, options) for img in images))
+        decoded = [i if isinstance(i, Decoded) else Decoded(i, 1.0, 1.0) for i in images]
+        detected = await asyncio.gather(*(self._detect(image, options) for image in decoded))
         results = [ImageResult(faces, timings) for faces, _, timings in detected]
         faces = [face for found, _, _ in detected for face in found]
         if faces and options.extract_embedding:
@@ -212,8 +220,18 @@ class _Clipped:
         return min_size <= 0 or max(self.width, self.height) >= min_size
 
 
-def _clip(d: Detection, img: ImageArray) -> _Clipped:
-    h, w = img.shape[:2]
+def _to_original(d: Detection, image: Decoded) -> Detection:
+    if image.scale_x == image.scale_y == 1.0:
+        return d
+    sx, sy = image.scale_x, image.scale_y
+    x1, y1, x2, y2 = d.bbox
+    landmarks = None
+    if d.landmarks is not None:
+        landmarks = (d.landmarks / np.array([sx, sy], np.float32)).astype(np.float32)
+    return Detection((x1 / sx, y1 / sy, x2 / sx, y2 / sy), d.score, landmarks)
+
+
+def _clip(d: Detection, w: float, h: float) -> _Clipped:
     x1, y1 = max(d.bbox[0], 0.0), max(d.bbox[1], 0.0)
     x2, y2 = min(d.bbox[2], float(w)), min(d.bbox[3], float(h))
     return _Clipped(max(x2 - x1, 0.0), max(y2 - y1, 0.0))
