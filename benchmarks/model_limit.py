@@ -92,24 +92,30 @@ def prepare(models: Path, data: bytes) -> Prepared:
     pipe = Pipeline(models, 1, 1)
     found = decode_scrfd(pipe.outputs(pipe.det.infer(canvas[None])), SIZE, 0.6, scale)
     pipe.close()
-    landmarks = np.stack([d.landmarks for d in found if d.landmarks is not None])
+    points = [d.landmarks for d in found if d.landmarks is not None]
+    landmarks = np.stack(points) if points else np.empty((0, 5, 2), np.float32)
     return Prepared(data, canvas, align.align_faces(img, landmarks))
 
 
-def limit(models: Path, prep: Prepared, seconds: float, per_core: bool) -> float:
-    """Photos per second through both models, `per_core` or one shared pipeline."""
+def limit(models: Path, prep: Prepared | list[Prepared], seconds: float, per_core: bool) -> float:
+    """Images per second through both models, `per_core` or one shared pipeline; a list of
+    images (video frames) is cycled through."""
+    preps = prep if isinstance(prep, list) else [prep]
+    most = max(len(p.crops) for p in preps)
     cores = os.cpu_count() or 1
     count = cores if per_core else 1
-    pipes = [Pipeline(models, 1 if per_core else cores, len(prep.crops)) for _ in range(count)]
+    pipes = [Pipeline(models, 1 if per_core else cores, most) for _ in range(count)]
     for pipe in pipes:
-        pipe.run(prep)  # first runs allocate
+        pipe.run(preps[0])  # first runs allocate
     done = [0] * count
     end = time.perf_counter() + seconds
 
     def loop(i: int) -> None:
+        k = i
         while time.perf_counter() < end:
-            pipes[i].run(prep)
+            pipes[i].run(preps[k % len(preps)])
             done[i] += 1
+            k += 1
 
     start = time.perf_counter()
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(count)]

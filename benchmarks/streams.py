@@ -7,6 +7,11 @@ scrapes `/metrics` for the peak `appliance_queue_depth` and reads the server's R
 /proc. Each stream count runs `--repeats` times; the table shows medians.
 
     python benchmarks/streams.py --streams 1,4,16 --fps 15 --seconds 10
+
+`--real-models [DIR]` serves the real models (default ../shared/models) and streams the frames
+of the shared video (short_hamilton_clip.mp4, 640x360) instead, and first measures the
+models-alone limit on the same frames (`model_limit.py`, both ways) to print each row's ratio
+of total served fps to the best limit.
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from appliance.client import StreamClient
 from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
 
 FACES = (PlantedFace.square(100, 120, 80), PlantedFace.square(300, 200, 150))
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VIDEO = "short_hamilton_clip.mp4"
+WAYS = ("shared", "per-core")
 
 
 def free_port() -> int:
@@ -56,21 +64,46 @@ def make_frames(count: int, seed: int) -> list[bytes]:
     return frames
 
 
+def video_frames(path: Path, count: int) -> list[bytes]:
+    """The first `count` frames of a video, as the JPEGs a camera client would send."""
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while len(frames) < count:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        assert ok
+        frames.append(bytes(buf.tobytes()))
+    capture.release()
+    if not frames:
+        raise SystemExit(f"no frames could be read from {path}")
+    return frames
+
+
 def start_server(
-    directory: Path, port: int, layers: int, channels: int, det_batch: int
+    directory: Path,
+    port: int,
+    layers: int,
+    channels: int,
+    det_batch: int,
+    real_models: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    build_scrfd_model(directory / "det.onnx", FACES, trunk_layers=layers, trunk_channels=channels)
-    build_arcface_model(directory / "rec.onnx")
-    override = {
-        "bench_scrfd": {"family": "scrfd", "file": "det.onnx"},
-        "bench_arcface": {"family": "arcface", "file": "rec.onnx"},
-    }
-    (directory / "models.override.json").write_text(json.dumps(override))
+    if real_models is None:
+        build_scrfd_model(
+            directory / "det.onnx", FACES, trunk_layers=layers, trunk_channels=channels
+        )
+        build_arcface_model(directory / "rec.onnx")
+        override = {
+            "bench_scrfd": {"family": "scrfd", "file": "det.onnx"},
+            "bench_arcface": {"family": "arcface", "file": "rec.onnx"},
+        }
+        (directory / "models.override.json").write_text(json.dumps(override))
     env = {
         **os.environ,
-        "MODELS_DIR": str(directory),
-        "DET_MODEL": "bench_scrfd",
-        "REC_MODEL": "bench_arcface",
+        "MODELS_DIR": str(real_models or directory),
+        "DET_MODEL": "scrfd_2.5g_bnkps" if real_models else "bench_scrfd",
+        "REC_MODEL": "mobilefacenet_128" if real_models else "bench_arcface",
         "TRUST_UNVERIFIED": "1",
         "INFERENCE_BACKEND": "onnx",
         "HOST": "127.0.0.1",
@@ -135,9 +168,16 @@ def queue_depth(metrics_text: str) -> float:
 
 
 async def one_run(
-    url: str, base: str, pid: int | None, streams: int, fps: float, seconds: float, embed: bool
+    url: str,
+    base: str,
+    pid: int | None,
+    streams: int,
+    fps: float,
+    seconds: float,
+    embed: bool,
+    frames: list[bytes] | None = None,
 ) -> dict[str, Any]:
-    frames = make_frames(8, seed=streams)
+    frames = frames or make_frames(8, seed=streams)
     frame_count = int(fps * seconds)
     peak = {"queue": 0.0, "rss": 0.0}
     sampling = True
@@ -202,7 +242,12 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             port = free_port()
             proc = start_server(
-                Path(tmp), port, args.trunk_layers, args.trunk_channels, args.det_batch
+                Path(tmp),
+                port,
+                args.trunk_layers,
+                args.trunk_channels,
+                1 if args.real_models else args.det_batch,
+                args.real_models,
             )
             base, url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws/stream"
         try:
@@ -218,10 +263,13 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                         args.fps,
                         args.seconds,
                         args.embeddings,
+                        args.frames,
                     )
                     for _ in range(args.repeats)
                 ]
                 row = median_of(runs)
+                if args.limit:
+                    row["ratio_to_limit"] = row["fps_total"] / args.limit
                 rows.append(row)
                 print(format_row(row, args.fps), flush=True)
             return rows
@@ -239,10 +287,11 @@ HEADER = (
 
 
 def format_row(r: dict[str, Any], fps: float) -> str:
+    ratio = f" {r['ratio_to_limit']:.2f} |" if "ratio_to_limit" in r else ""
     return (
         f"| {r['streams']:.0f} | {fps:g} | {r['fps_per_stream']:.1f} | {r['fps_total']:.1f} | "
         f"{r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} | {r['sent']:.0f} | "
-        f"{r['dropped']:.0f} | {r['peak_queue_depth']:.0f} | {r['peak_rss_mb']:.0f} |"
+        f"{r['dropped']:.0f} | {r['peak_queue_depth']:.0f} | {r['peak_rss_mb']:.0f} |{ratio}"
     )
 
 
@@ -263,17 +312,43 @@ def main() -> None:
     parser.add_argument("--trunk-channels", type=int, default=16)
     parser.add_argument("--det-batch", type=int, default=8)
     parser.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--real-models",
+        type=Path,
+        nargs="?",
+        const=SHARED / "models",
+        help="serve the real models and stream the shared video (default: ../shared/models)",
+    )
+    parser.add_argument("--video-frames", type=int, default=90, help="frames of the video used")
     args = parser.parse_args()
+    args.frames, args.limit = None, None
     print(
         f"# {platform.node()}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
-    print(HEADER, flush=True)
+    if args.real_models:
+        from model_limit import limit, prepare  # beside this script
+
+        args.frames = video_frames(SHARED / "photos" / VIDEO, args.video_frames)
+        preps = [prepare(args.real_models, f) for f in args.frames]
+        ways = {w: limit(args.real_models, preps, args.seconds, w == "per-core") for w in WAYS}
+        args.limit = max(ways.values())
+        faces = sum(len(p.crops) for p in preps) / len(preps)
+        print(
+            f"# models alone on {len(preps)} video frames ({faces:.1f} faces/frame): "
+            + ", ".join(f"{w} {v:.2f} fps" for w, v in ways.items())
+        )
+    top, rule = HEADER.split("\n")
+    if args.real_models:
+        top, rule = top + " ratio to limit |", rule + "---:|"
+    print(f"{top}\n{rule}", flush=True)
     rows = asyncio.run(bench(args))
     if args.json_out:
         args.json_out.write_text(
             json.dumps(
-                {"args": vars(args) | {"json_out": None}, "rows": rows}, indent=2, default=str
+                {"args": vars(args) | {"json_out": None, "frames": None}, "rows": rows},
+                indent=2,
+                default=str,
             )
         )
 
