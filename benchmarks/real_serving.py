@@ -60,15 +60,18 @@ def run_real(args: argparse.Namespace, concurrencies: list[int]) -> None:
         result["limits"][name] = {"shared": shared, "per_core": per_core}
         print(f"models alone, {name}: shared {shared:.2f}/s, per-core {per_core:.2f}/s")
     print(
-        "photo | format | c | req/s | ratio to best limit | p50 / p99 ms | server CPU ms/req | RSS MB | errors"
+        "server | photo | format | c | req/s | ratio to best limit | p50 / p99 ms | "
+        "server CPU ms/req | RSS MB | errors"
     )
-    for (name, fmt, c), runs in served.items():
+    for (label, name, fmt, c), runs in served.items():
         med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
         errors = sum(r["errors"] for r in runs)
         ratio = med["images_per_s"] / best[name]
-        result["served"].append({"photo": name, "format": fmt, "c": c, "ratio": ratio, **med})
+        result["served"].append(
+            {"server": label, "photo": name, "format": fmt, "c": c, "ratio": ratio, **med}
+        )
         print(
-            f"{name} | {fmt} | {c} | {med['images_per_s']:.2f} | {ratio:.2f} | "
+            f"{label} | {name} | {fmt} | {c} | {med['images_per_s']:.2f} | {ratio:.2f} | "
             f"{med['latency_ms_p50']:.0f} / {med['latency_ms_p99']:.0f} | "
             f"{med['server_cpu_ms_per_request']:.1f} | {med['server_rss_mb']:.0f} | {errors:.0f}"
         )

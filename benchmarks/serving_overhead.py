@@ -187,6 +187,7 @@ def start_server(
     window_ms: float,
     real: bool = False,
     extra_env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -208,6 +209,7 @@ def start_server(
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        cwd=cwd,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -251,6 +253,12 @@ def main() -> None:
     )
     parser.add_argument(
         "--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)"
+    )
+    parser.add_argument(
+        "--compare-src",
+        type=Path,
+        help="with --real-models: also serve the code of this checkout (e.g. a worktree of "
+        "main) and measure it in the same rounds",
     )
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
