@@ -180,14 +180,18 @@ async def one_run(
     frames = frames or make_frames(8, seed=streams)
     frame_count = int(fps * seconds)
     peak = {"queue": 0.0, "rss": 0.0}
+    rss_samples: list[tuple[float, float]] = []
     sampling = True
 
     async def sample(session: aiohttp.ClientSession) -> None:
+        started = time.monotonic()
         while sampling:
             async with session.get(f"{base}/metrics") as resp:
                 peak["queue"] = max(peak["queue"], queue_depth(await resp.text()))
             if pid is not None:
-                peak["rss"] = max(peak["rss"], rss_mb(pid))
+                rss = rss_mb(pid)
+                peak["rss"] = max(peak["rss"], rss)
+                rss_samples.append((time.monotonic() - started, rss))
             await asyncio.sleep(0.1)
 
     async def source(offset: int) -> AsyncIterator[bytes]:
@@ -226,6 +230,13 @@ async def one_run(
         "dropped": sum(s["dropped"] for s in per_stream),
         "peak_queue_depth": peak["queue"],
         "peak_rss_mb": peak["rss"],
+        # Growth check for long runs: the peak of the first and of the last tenth of the run.
+        "rss_first_tenth_mb": max(
+            (r for t, r in rss_samples if t <= seconds / 10), default=float("nan")
+        ),
+        "rss_last_tenth_mb": max(
+            (r for t, r in rss_samples if t >= seconds * 0.9), default=float("nan")
+        ),
     }
 
 
@@ -272,6 +283,11 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                     row["ratio_to_limit"] = row["fps_total"] / args.limit
                 rows.append(row)
                 print(format_row(row, args.fps), flush=True)
+                print(
+                    f"<!-- RSS peak in the first / last tenth of the run: "
+                    f"{row['rss_first_tenth_mb']:.0f} / {row['rss_last_tenth_mb']:.0f} MB -->",
+                    flush=True,
+                )
             return rows
         finally:
             if proc is not None:
