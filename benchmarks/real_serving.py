@@ -12,7 +12,9 @@ import argparse
 import asyncio
 import json
 import statistics
+import subprocess
 from collections import defaultdict
+from pathlib import Path
 from typing import Any
 
 from model_limit import SHARED, limit, prepare, stage_cpu_ms
@@ -29,11 +31,19 @@ def run_real(args: argparse.Namespace, concurrencies: list[int]) -> None:
         name: prepare(models, (SHARED / "photos" / f).read_bytes()) for name, f in PHOTOS.items()
     }
     limits: dict[tuple[str, str], list[float]] = defaultdict(list)
-    served: dict[tuple[str, str, int], list[dict[str, float]]] = defaultdict(list)
-    port = free_port()
-    server = start_server(models, port, args.batch, args.window_ms, True, env)
-    url = f"http://127.0.0.1:{port}/extract"
+    served: dict[tuple[str, str, str, int], list[dict[str, float]]] = defaultdict(list)
+    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    sources: dict[str, Path | None] = {"this": None}
+    if args.compare_src:
+        sources["compare"] = args.compare_src
     try:
+        for label, src in sources.items():
+            port = free_port()
+            # --compare-src: the same benchmark against another checkout's code (main, say),
+            # started from that directory, so before and after meet the same machine load.
+            extra = {**env, "PYTHONPATH": str(src)} if src else env
+            proc = start_server(models, port, args.batch, args.window_ms, True, extra, src)
+            servers[label] = (proc, f"http://127.0.0.1:{port}/extract")
         for _ in range(args.rounds):
             for name, prep in preps.items():
                 for way in ("shared", "per-core"):
@@ -43,12 +53,13 @@ def run_real(args: argparse.Namespace, concurrencies: list[int]) -> None:
                 for fmt in ("json", "msgpack"):
                     request = extract_payload(prep.data, fmt == "msgpack")
                     for c in concurrencies:
-                        served[(name, fmt, c)].append(
-                            asyncio.run(load(url, prep.data, c, args.seconds, request, server.pid))
-                        )
+                        for label, (proc, url) in servers.items():
+                            run = load(url, prep.data, c, args.seconds, request, proc.pid)
+                            served[(label, name, fmt, c)].append(asyncio.run(run))
     finally:
-        server.terminate()
-        server.wait(timeout=30)
+        for proc, _ in servers.values():
+            proc.terminate()
+            proc.wait(timeout=30)
 
     result: dict[str, Any] = {"env": env, "limits": {}, "served": [], "stages": {}}
     print(f"server env {env or '(defaults)'}; {args.rounds} rounds x {args.seconds}s; medians")
