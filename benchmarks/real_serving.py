@@ -33,15 +33,18 @@ def run_real(args: argparse.Namespace, concurrencies: list[int]) -> None:
     limits: dict[tuple[str, str], list[float]] = defaultdict(list)
     served: dict[tuple[str, str, str, int], list[dict[str, float]]] = defaultdict(list)
     servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
+    compare_env = dict(kv.split("=", 1) for kv in args.compare_env)
     sources: dict[str, Path | None] = {"this": None}
-    if args.compare_src:
+    if args.compare_src or compare_env:
         sources["compare"] = args.compare_src
     try:
         for label, src in sources.items():
             port = free_port()
             # --compare-src: the same benchmark against another checkout's code (main, say),
             # started from that directory, so before and after meet the same machine load.
-            extra = {**env, "PYTHONPATH": str(src)} if src else env
+            extra = {**env, **(compare_env if label == "compare" else {})}
+            if src:
+                extra["PYTHONPATH"] = str(src)
             proc = start_server(models, port, args.batch, args.window_ms, True, extra, src)
             servers[label] = (proc, f"http://127.0.0.1:{port}/extract")
         for _ in range(args.rounds):
@@ -63,6 +66,8 @@ def run_real(args: argparse.Namespace, concurrencies: list[int]) -> None:
 
     result: dict[str, Any] = {"env": env, "limits": {}, "served": [], "stages": {}}
     print(f"server env {env or '(defaults)'}; {args.rounds} rounds x {args.seconds}s; medians")
+    if "compare" in sources:
+        print(f"compare: source {args.compare_src or 'this checkout'}, env {compare_env or '-'}")
     best: dict[str, float] = {}
     for name in preps:
         shared = statistics.median(limits[(name, "shared")])

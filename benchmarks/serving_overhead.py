@@ -260,6 +260,13 @@ def main() -> None:
         help="with --real-models: also serve the code of this checkout (e.g. a worktree of "
         "main) and measure it in the same rounds",
     )
+    parser.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for a second server of this checkout (or of --compare-src), measured "
+        "in the same rounds: one setting against another",
+    )
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     real = args.real_models is not None
