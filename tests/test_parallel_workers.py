@@ -94,11 +94,17 @@ def test_pool_infer_from_any_thread_uses_an_idle_member(real_models: Path) -> No
     pool.close()
 
 
-def test_thread_budget_onnx_defaults_to_one_single_thread_session_per_core() -> None:
+def test_thread_budget_onnx_defaults_to_one_session_on_every_core() -> None:
     plan = plan_threads(load_settings(env={}), "onnx", cpu_count=2)
-    assert (plan.cpu_threads, plan.det_workers, plan.rec_workers) == (2, 2, 2)
-    assert plan.intra_op_threads == 1 and plan.opencv_threads == 1
+    assert (plan.cpu_threads, plan.det_workers, plan.rec_workers) == (2, 1, 1)
+    assert plan.intra_op_threads == 2 and plan.opencv_threads == 1
     assert plan.executor_threads == 2
+
+
+def test_thread_budget_splits_cores_between_parallel_sessions() -> None:
+    settings = load_settings(env={"DET_WORKERS": "2", "REC_WORKERS": "2"})
+    plan = plan_threads(settings, "onnx", cpu_count=2)
+    assert (plan.det_workers, plan.rec_workers, plan.intra_op_threads) == (2, 2, 1)
 
 
 def test_thread_budget_follows_cpu_threads_and_explicit_workers() -> None:

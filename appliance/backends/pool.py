@@ -1,9 +1,10 @@
 """Several sessions (or TensorRT execution contexts) of one model behind one backend.
 
-On a CPU, two single-thread ONNX Runtime sessions driven by two threads keep both cores busy
-through a whole model run, where one two-thread session leaves a core idle between small
-operators. On TensorRT, each context has its own CUDA stream, so the copies of one batch
-overlap the inference of the next. The batcher drives member `i` from its worker thread `i`
+On a CPU, single-thread ONNX Runtime sessions driven by one thread each keep every core busy
+through a whole model run, where one multi-threaded session leaves cores idle between small
+operators: faster for the models alone, though on a small CPU that also serves HTTP it
+measured slower (`backends.threads`: the default there is 1). On TensorRT, each context has
+its own CUDA stream, so the copies of one batch overlap the inference of the next. The batcher drives member `i` from its worker thread `i`
 (`lease`), filling that member's input buffer in place.
 """
 

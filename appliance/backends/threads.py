@@ -38,15 +38,18 @@ class ThreadPlan:
 def plan_threads(settings: Settings, backend: str, cpu_count: int | None = None) -> ThreadPlan:
     """The split for `backend` ("onnx" or "trt") on `cpu_count` cores (default: this host's).
 
-    ONNX Runtime on CPU: one single-thread session per core by default: measured faster than
-    one session using every core (docs/BENCHMARKS.md), because a multi-threaded session idles
-    cores between small operators while parallel sessions keep them all busy. OpenCV runs
-    single-threaded: its calls here are small (a resize, a warp) and already run on several
-    executor threads at once. The executor gets one thread per core; its work releases the GIL.
+    ONNX Runtime on CPU: one session per model using the whole budget as intra-op threads by
+    default. Parallel single-thread sessions (`DET_WORKERS`/`REC_WORKERS` = cores) run the
+    models alone faster, but served they lost: with a detector and a recognizer session per
+    core beside HTTP and pre/post-processing, more threads are runnable than there are cores;
+    the served rate fell below one shared session's, with a third more memory
+    (docs/BENCHMARKS.md). With several workers each session gets budget / workers threads.
+    OpenCV runs single-threaded: its calls here are small (a resize, a warp) and already run
+    on several executor threads at once. The executor gets one thread per core.
     """
     cores = cpu_count or os.cpu_count() or 1
     budget = settings.cpu_threads or cores
-    default_workers = budget if backend == "onnx" else TENSORRT_CONTEXTS
+    default_workers = 1 if backend == "onnx" else TENSORRT_CONTEXTS
     det = settings.det_workers or default_workers
     rec = settings.rec_workers or default_workers
     intra = max(1, budget // max(det, 1)) if backend == "onnx" else 1
