@@ -340,6 +340,9 @@ def main() -> None:
         help="serve the real models and stream the shared video (default: ../shared/models)",
     )
     parser.add_argument("--video-frames", type=int, default=90, help="frames of the video used")
+    parser.add_argument(
+        "--limit-seconds", type=float, help="each models-alone measurement (default: half a run)"
+    )
     args = parser.parse_args()
     args.frames, args.limit = None, None
     print(
