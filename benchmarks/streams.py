@@ -357,9 +357,8 @@ def main() -> None:
         faces = sum(len(p.crops) for p in preps) / len(preps)
 
         def best_limit() -> float:
-            ways = {
-                w: limit(args.real_models, preps, args.seconds / 2, w == "per-core") for w in WAYS
-            }
+            seconds = args.limit_seconds or args.seconds / 2
+            ways = {w: limit(args.real_models, preps, seconds, w == "per-core") for w in WAYS}
             print(
                 f"<!-- models alone on {len(preps)} video frames ({faces:.1f} faces/frame): "
                 + ", ".join(f"{w} {v:.2f} fps" for w, v in ways.items())
