@@ -228,8 +228,8 @@ class DynamicBatcher:
         with self._stats_lock:
             self.batches_run += 1
             self.items_run += len(batch)
-        for item, result in zip(batch, results, strict=True):
-            _post(item, _resolve, result)
+        # Observed before results are handed out: a caller that sees its result also sees
+        # the batch in the metrics.
         if self._observer is not None:
             try:
                 self._observer([item.tag for item in batch], elapsed)
@@ -237,6 +237,8 @@ class DynamicBatcher:
                 log.error(
                     "batch_observer_failed", batcher=self.name, error=f"{type(exc).__name__}: {exc}"
                 )
+        for item, result in zip(batch, results, strict=True):
+            _post(item, _resolve, result)
 
 
 def _post(
