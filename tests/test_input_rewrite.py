@@ -117,3 +117,33 @@ def test_loader_opens_workers_with_the_rewrite_and_says_so(real_models: Path) ->
         assert loaded.threads.intra_op_threads == 1
     finally:
         loaded.close()
+
+
+@pytest.mark.parametrize("name", [REAL_DETECTOR, REAL_RECOGNIZER])
+def test_colour_swap_goes_into_the_first_convolution_of_real_models(
+    real_models: Path, name: str
+) -> None:
+    model = onnx_graph.load(real_models / f"{name}.onnx")
+    rewritten = onnx_graph.prepend_input_conversion(model, rewrite_for(name))
+    ops = [n.op_type for n in rewritten.graph.node[:4]]
+    assert ops == ["Transpose", "Cast", "Sub", "Mul"]
+    assert "Gather" not in {n.op_type for n in rewritten.graph.node[:8]}
+
+
+def test_colour_swap_falls_back_to_a_gather_where_the_input_feeds_no_convolution() -> None:
+    x = helper.make_tensor_value_info("x", onnx.TensorProto.FLOAT, [1, 3, 2, 2])
+    y = helper.make_tensor_value_info("y", onnx.TensorProto.FLOAT, [1, 3, 2, 2])
+    graph = helper.make_graph([helper.make_node("Identity", ["x"], ["y"])], "g", [x], [y])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    rewritten = onnx_graph.prepend_input_conversion(
+        model, onnx_graph.InputRewrite(rgb=True, mean=0.0, std=1.0)
+    )
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(
+        rewritten.SerializeToString(), providers=["CPUExecutionProvider"]
+    )
+    pixels = np.arange(12, dtype=np.uint8).reshape(1, 2, 2, 3)
+    (out,) = session.run(None, {onnx_graph.UINT8_INPUT: pixels})
+    # BGR pixels in, RGB NCHW floats out.
+    np.testing.assert_array_equal(out[0], pixels[0].transpose(2, 0, 1)[::-1].astype(np.float32))

@@ -105,9 +105,11 @@ UINT8_INPUT = "pixels_uint8_nhwc"
 def prepend_input_conversion(model: onnx.ModelProto, rewrite: InputRewrite) -> onnx.ModelProto:
     """A copy of `model` whose single input is (N, H, W, 3) uint8 BGR pixels.
 
-    Nodes: Cast to float, channel reversal (Gather on the last axis) when the model takes RGB,
-    Sub mean, Mul 1/std, Transpose to NCHW, feeding the original input. The arithmetic is
-    OpenCV's blobFromImages' ((x - mean) * (1 / std) in float32), so results do not move.
+    Nodes: Transpose to NCHW (on the uint8 pixels), Cast to float, Sub mean, Mul 1/std, feeding
+    the original input. Where the model takes RGB, the first convolutions' weights are given
+    their input channels in reverse (exact, and free at run time), or, where the input feeds
+    anything else, a Gather reverses the channels. The arithmetic is OpenCV's
+    blobFromImages' ((x - mean) * (1 / std) in float32), so results do not move.
     N, H and W keep the original input's dimensions (fixed or symbolic).
     """
     out = onnx.ModelProto()
@@ -132,21 +134,31 @@ def prepend_input_conversion(model: onnx.ModelProto, rewrite: InputRewrite) -> o
         [dim(dims[0]), dim(dims[2]), dim(dims[3]), 3],
     )
     prefix = "pixels_"
+    # Transpose the uint8 pixels (a quarter of the bytes of floats), then the elementwise
+    # conversion; the colour swap goes into the first convolution's weights where it can (free
+    # at run time), else a Gather on the channel axis.
     nodes = [
         helper.make_node(
-            "Cast", [UINT8_INPUT], [prefix + "f32"], to=onnx.TensorProto.FLOAT, name="pixels_cast"
-        )
+            "Transpose", [UINT8_INPUT], [prefix + "nchw"], perm=[0, 3, 1, 2], name="pixels_nchw"
+        ),
+        helper.make_node(
+            "Cast",
+            [prefix + "nchw"],
+            [prefix + "f32"],
+            to=onnx.TensorProto.FLOAT,
+            name="pixels_cast",
+        ),
     ]
     current = prefix + "f32"
     initializers = [
         numpy_helper.from_array(np.array([rewrite.mean], np.float32), prefix + "mean"),
         numpy_helper.from_array(np.array([1.0 / rewrite.std], np.float32), prefix + "scale"),
     ]
-    if rewrite.rgb:
+    if rewrite.rgb and not _swap_into_convolutions(out, original.name):
         initializers.append(numpy_helper.from_array(np.array([2, 1, 0], np.int64), prefix + "bgr"))
         nodes.append(
             helper.make_node(
-                "Gather", [current, prefix + "bgr"], [prefix + "rgb"], axis=3, name="pixels_rgb"
+                "Gather", [current, prefix + "bgr"], [prefix + "rgb"], axis=1, name="pixels_rgb"
             )
         )
         current = prefix + "rgb"
@@ -155,10 +167,7 @@ def prepend_input_conversion(model: onnx.ModelProto, rewrite: InputRewrite) -> o
             "Sub", [current, prefix + "mean"], [prefix + "centred"], name="pixels_sub"
         ),
         helper.make_node(
-            "Mul", [prefix + "centred", prefix + "scale"], [prefix + "scaled"], name="pixels_mul"
-        ),
-        helper.make_node(
-            "Transpose", [prefix + "scaled"], [original.name], perm=[0, 3, 1, 2], name="pixels_nchw"
+            "Mul", [prefix + "centred", prefix + "scale"], [original.name], name="pixels_mul"
         ),
     ]
     kept = [i for i in graph.input if i.name != original.name]
@@ -169,3 +178,26 @@ def prepend_input_conversion(model: onnx.ModelProto, rewrite: InputRewrite) -> o
     graph.node.extend([*nodes, *old_nodes])
     graph.initializer.extend(initializers)
     return out
+
+
+def _swap_into_convolutions(model: onnx.ModelProto, input_name: str) -> bool:
+    """Reverse the input-channel axis of the weights of every convolution reading
+    `input_name`, so that BGR pixels give what RGB gave; False (nothing changed) unless every
+    reader is an ungrouped Conv with its weights in an initializer."""
+    graph = model.graph
+    readers = [n for n in graph.node if input_name in n.input]
+    weights = {i.name: i for i in graph.initializer}
+    for node in readers:
+        group = next((a.i for a in node.attribute if a.name == "group"), 1)
+        if node.op_type != "Conv" or node.input[0] != input_name or group != 1:
+            return False
+        if len(node.input) < 2 or node.input[1] not in weights:
+            return False
+        if numpy_helper.to_array(weights[node.input[1]]).shape[1] != 3:
+            return False
+    for k, node in enumerate(readers):
+        array = numpy_helper.to_array(weights[node.input[1]])
+        name = f"pixels_bgr_weights_{k}"
+        graph.initializer.append(numpy_helper.from_array(array[:, ::-1].copy(), name))
+        node.input[1] = name
+    return bool(readers)
