@@ -28,6 +28,7 @@ from appliance.api.urls import (
     fetch_image,
     literal_address,
     make_session,
+    parse_target,
 )
 from tests.helpers import jpeg
 
@@ -348,3 +349,10 @@ async def test_defect1_through_the_server_each_refused_url_is_its_own_error(
     # The origin served the fine image and the redirect; the header request never left.
     assert [h.split("?")[0] for h in net.origin.hits] == ["/fine.jpg", "/redirect"]
     assert net.all_hits() == {}
+
+
+@pytest.mark.parametrize("url", ["http://[::3]@", "http://[::1", "http://a:b:c/"])
+def test_urls_the_parser_chokes_on_are_refused_not_a_crash(url: str) -> None:
+    """Found by the atheris target: yarl raised IndexError on "http://[::3]@" (a 500 before)."""
+    with pytest.raises(UrlRefused, match=r"is not a valid URL|only http"):
+        parse_target(url, ())

@@ -132,7 +132,9 @@ def parse_target(url: str, allowlist: Sequence[str]) -> URL:
     try:
         parsed = URL(url)
         host = parsed.raw_host  # yarl parses the authority lazily: errors surface here
-    except (ValueError, TypeError, UnicodeError):
+    except Exception:
+        # Whatever the parser raises, the caller's string is not a URL we can use: yarl 1.25
+        # raises IndexError on "http://[::3]@" (found by the atheris fuzz target).
         raise UrlRefused(f"{url!r} is not a valid URL") from None
     if host is None:
         raise UrlRefused(f"only http(s) URLs with a host are accepted, got {url!r}")
@@ -254,7 +256,7 @@ def _next_hop(current: URL, location: str | None) -> URL:
         raise UrlFetchFailed(f"GET {current} redirected without a Location header")
     try:
         return current.join(URL(location))
-    except (ValueError, TypeError):
+    except Exception:  # as in parse_target: any parser error means an unusable Location
         raise UrlFetchFailed(f"GET {current} redirected to an invalid URL {location!r}") from None
 
 

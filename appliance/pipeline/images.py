@@ -174,19 +174,22 @@ class ImageDecoder:
             )
         if factor is None:
             return Decoded(self._decode(data, info), 1.0, 1.0)
+        _check_complete_jpeg(data)
         img = self._decode_turbo(data, info, factor)
         turned = exif_orientation(data) in (5, 6, 7, 8)
         width, height = (info.height, info.width) if turned else (info.width, info.height)
         return Decoded(img, img.shape[1] / width, img.shape[0] / height)
 
     def _decode(self, data: bytes, info: ImageInfo) -> ImageArray:
-        if info.format == "jpeg" and self.gpu is not None:
-            img = self.gpu.decode(data)
-            if img is not None:
-                _check_complete_jpeg(data)
-                return img
-        if info.format == "jpeg" and self.turbo is not None:
-            return self._decode_turbo(data, info)
+        if info.format == "jpeg":
+            # Before decoding: a truncated file is refused without paying for the decode.
+            _check_complete_jpeg(data)
+            if self.gpu is not None:
+                img = self.gpu.decode(data)
+                if img is not None:
+                    return img
+            if self.turbo is not None:
+                return self._decode_turbo(data, info)
         return self._decode_opencv(data, info)
 
     def _check_pixels(self, width: int, height: int) -> None:
@@ -223,9 +226,6 @@ class ImageDecoder:
             return self._decode_opencv(data, info)
         if img is None or img.ndim != 3 or img.shape[:2] != (height, width):
             raise ImageError("corrupt_image", "JPEG decoded to an unexpected shape")
-        # libjpeg-turbo reports a truncated file as a warning and fills the rest with grey; a
-        # missing end-of-image marker is how we notice it.
-        _check_complete_jpeg(data)
         return apply_orientation(np.ascontiguousarray(img), exif_orientation(data))
 
     def _decode_opencv(self, data: bytes, info: ImageInfo) -> ImageArray:
@@ -249,15 +249,14 @@ class ImageDecoder:
             # EXIF may have swapped width and height; anything else means the decoder read a
             # different size than the header we checked.
             raise ImageError("corrupt_image", "image decoded to a size its header did not claim")
-        if info.format == "jpeg":
-            _check_complete_jpeg(data)
         return np.asarray(img, dtype=np.uint8)
 
 
 def _check_complete_jpeg(data: bytes) -> None:
     """Refuse a JPEG cut short: its first scan must be followed by an end-of-image marker.
 
-    libjpeg-turbo only warns about a truncated file and fills the rest with grey. Entropy-coded
+    libjpeg-turbo only warns about a truncated file and fills the rest with grey, so a missing
+    end-of-image marker is how we notice it. Entropy-coded
     data never contains FF D9 (0xFF bytes are stuffed), so the first FF D9 after the scan header
     ends the image; bytes after it (phone trailers, motion-photo video) are allowed.
     """
