@@ -45,8 +45,19 @@ class Settings:
     rec_batch_size: int = 4
     force_fp16: bool = True
     inference_backend: BackendName = "auto"
-    # Accepted for seed compatibility; nvJPEG is not used by this implementation.
+    # Decode JPEGs on the GPU (nvJPEG) where a decoder is available; /info says when it is not.
     use_nvjpeg: bool = False
+    # CPU threads the process may keep busy: ONNX Runtime's intra-op threads, OpenCV's and the
+    # executor's are all derived from it (`backends.threads`). 0 = every core.
+    cpu_threads: int = 0
+    # Backend sessions (ONNX Runtime) or execution contexts (TensorRT) per model, each run by
+    # its own batcher thread. 0 = chosen for the backend (`backends.threads`).
+    det_workers: int = 0
+    rec_workers: int = 0
+    # Decode JPEGs at least twice the detector input at a reduced DCT scale (libjpeg-turbo).
+    # Off: measured on the shared photos, embeddings of faces aligned from the reduced pixels
+    # moved by up to 0.05 in similarity (docs/BENCHMARKS.md, "Decoding at a reduced DCT scale").
+    jpeg_dct_scaling: bool = False
     models_dir: Path = Path("/var/lib/appliance/models")
     engines_dir: Path = Path("/var/lib/appliance/engines")
     # JSON file of operator models, InsightFace-REST's models.override.json; default: in models_dir.
@@ -200,6 +211,11 @@ def _validate(s: Settings) -> None:
     for name in ("det_threshold", "nms_threshold"):
         if not 0.0 <= getattr(s, name) <= 1.0:
             raise ConfigError(f"{name.upper()} must be within 0..1, got {getattr(s, name)}")
+    for name in ("cpu_threads", "det_workers", "rec_workers"):
+        if not 0 <= getattr(s, name) <= 256:
+            raise ConfigError(
+                f"{name.upper()} must be within 0..256 (0 = auto), got {getattr(s, name)}"
+            )
     if s.retry_after_s < 0 or s.stream_max_bad_frames < 0:
         raise ConfigError("RETRY_AFTER_S and STREAM_MAX_BAD_FRAMES must be >= 0")
     if not s.temp_warm_c < s.temp_hot_c < s.temp_critical_c:

@@ -6,8 +6,11 @@
 
 It prints medians, p99 and the throughput ratio (b)/(a) per concurrency. Run with
 `python benchmarks/serving_overhead.py` (see --help); results go in docs/BENCHMARKS.md.
-`--real-models DIR` measures the real SCRFD-2.5G (`scrfd_2.5g_bnkps.onnx` in DIR) on a real
-photo (`--image`, default the shared t1.jpg) instead of the generated detector.
+`--real-models [DIR]` measures the real models (SCRFD-2.5G + MobileFaceNet, default
+../shared/models) instead, in one run: the models-alone limit both ways (`model_limit.py`),
+`/extract` with embeddings and landmarks at each concurrency for the 6-face t1.jpg and the
+single-face probe/obama1.jpg, JSON and msgpack, the ratio to the best limit, the server's CPU
+milliseconds and RSS per request, and the CPU milliseconds of each stage.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from typing import Any
 
 import aiohttp
 import cv2
+import msgpack
 import numpy as np
 
 from appliance.backends.ort import OnnxRuntimeBackend
@@ -106,27 +110,56 @@ def bare_loop(
     }
 
 
-async def load(url: str, image: bytes, concurrency: int, seconds: float) -> dict[str, float]:
-    payload = json.dumps(
-        {"images": {"data": [base64.b64encode(image).decode()]}, "extract_embedding": False}
-    ).encode()
+def proc_cpu_s(pid: int) -> float:
+    """utime + stime of a process, from /proc (Linux)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def proc_rss_mb(pid: int) -> float:
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def extract_payload(image: bytes, use_msgpack: bool) -> tuple[bytes, str]:
+    """/extract with embeddings and landmarks, as a JSON or a msgpack client sends it."""
+    if use_msgpack:
+        body = {"images": {"data": [image]}, "return_landmarks": True, "msgpack": True}
+        return bytes(msgpack.packb(body, use_bin_type=True)), "application/msgpack"
+    body = {"images": {"data": [base64.b64encode(image).decode()]}, "return_landmarks": True}
+    return json.dumps(body).encode(), "application/json"
+
+
+async def load(
+    url: str,
+    image: bytes,
+    concurrency: int,
+    seconds: float,
+    request: tuple[bytes, str] | None = None,
+    pid: int | None = None,
+) -> dict[str, float]:
+    payload, ctype = request or (
+        json.dumps(
+            {"images": {"data": [base64.b64encode(image).decode()]}, "extract_embedding": False}
+        ).encode(),
+        "application/json",
+    )
     latencies: list[float] = []
     errors = 0
     async with aiohttp.ClientSession() as session:
         # Warm-up so that model first-run costs are not counted.
-        async with session.post(
-            url, data=payload, headers={"Content-Type": "application/json"}
-        ) as r:
+        async with session.post(url, data=payload, headers={"Content-Type": ctype}) as r:
             await r.read()
+        cpu_before = proc_cpu_s(pid) if pid else 0.0
         end = time.perf_counter() + seconds
 
         async def client() -> None:
             nonlocal errors
             while time.perf_counter() < end:
                 t = time.perf_counter()
-                async with session.post(
-                    url, data=payload, headers={"Content-Type": "application/json"}
-                ) as r:
+                async with session.post(url, data=payload, headers={"Content-Type": ctype}) as r:
                     await r.read()
                     if r.status != 200:
                         errors += 1
@@ -136,16 +169,25 @@ async def load(url: str, image: bytes, concurrency: int, seconds: float) -> dict
         start = time.perf_counter()
         await asyncio.gather(*(client() for _ in range(concurrency)))
         elapsed = time.perf_counter() - start
+        cpu = proc_cpu_s(pid) - cpu_before if pid else float("nan")
     return {
         "latency_ms_p50": statistics.median(latencies) * 1e3,
         "latency_ms_p99": percentile(latencies, 99) * 1e3,
         "images_per_s": len(latencies) / elapsed,
         "errors": float(errors),
+        "server_cpu_ms_per_request": cpu * 1e3 / max(len(latencies), 1),
+        "server_rss_mb": proc_rss_mb(pid) if pid else float("nan"),
     }
 
 
 def start_server(
-    directory: Path, port: int, batch: int, window_ms: float, real: bool = False
+    directory: Path,
+    port: int,
+    batch: int,
+    window_ms: float,
+    real: bool = False,
+    extra_env: dict[str, str] | None = None,
+    cwd: Path | None = None,
 ) -> subprocess.Popen[bytes]:
     env = {
         **os.environ,
@@ -160,12 +202,14 @@ def start_server(
         "HOST": "127.0.0.1",
         "LOG_LEVEL": "WARNING",
         "LOG_FORMAT": "json",
+        **(extra_env or {}),
     }
     proc = subprocess.Popen(
         [sys.executable, "-m", "appliance.cli", "serve", "--no-fetch"],
         env=env,
         stdout=subprocess.DEVNULL,
         stderr=subprocess.PIPE,
+        cwd=cwd,
     )
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:
@@ -207,9 +251,30 @@ def main() -> None:
     parser.add_argument(
         "--image", type=Path, help="JPEG to send (default: generated, or t1.jpg with real models)"
     )
+    parser.add_argument(
+        "--env", action="append", default=[], help="KEY=VALUE for the server (repeatable)"
+    )
+    parser.add_argument(
+        "--compare-src",
+        type=Path,
+        help="with --real-models: also serve the code of this checkout (e.g. a worktree of "
+        "main) and measure it in the same rounds",
+    )
+    parser.add_argument(
+        "--compare-env",
+        action="append",
+        default=[],
+        help="KEY=VALUE for a second server of this checkout (or of --compare-src), measured "
+        "in the same rounds: one setting against another",
+    )
     args = parser.parse_args()
     concurrencies = [int(c) for c in args.concurrency.split(",")]
     real = args.real_models is not None
+    if real:
+        from real_serving import run_real  # beside this script
+
+        run_real(args, concurrencies)
+        return
     if args.image is not None:
         image = args.image.read_bytes()
     elif real:

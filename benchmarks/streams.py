@@ -7,6 +7,11 @@ scrapes `/metrics` for the peak `appliance_queue_depth` and reads the server's R
 /proc. Each stream count runs `--repeats` times; the table shows medians.
 
     python benchmarks/streams.py --streams 1,4,16 --fps 15 --seconds 10
+
+`--real-models [DIR]` serves the real models (default ../shared/models) and streams the frames
+of the shared video (short_hamilton_clip.mp4, 640x360) instead, and before each run measures
+the models-alone limit on the same frames (`model_limit.py`, both ways, half a run each) to
+print the ratio of total served fps to the best limit (medians over the repeats).
 """
 
 from __future__ import annotations
@@ -35,6 +40,9 @@ from appliance.client import StreamClient
 from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
 
 FACES = (PlantedFace.square(100, 120, 80), PlantedFace.square(300, 200, 150))
+SHARED = Path(__file__).resolve().parents[2] / "shared"
+VIDEO = "short_hamilton_clip.mp4"
+WAYS = ("shared", "per-core")
 
 
 def free_port() -> int:
@@ -56,21 +64,46 @@ def make_frames(count: int, seed: int) -> list[bytes]:
     return frames
 
 
+def video_frames(path: Path, count: int) -> list[bytes]:
+    """The first `count` frames of a video, as the JPEGs a camera client would send."""
+    capture = cv2.VideoCapture(str(path))
+    frames = []
+    while len(frames) < count:
+        ok, frame = capture.read()
+        if not ok:
+            break
+        ok, buf = cv2.imencode(".jpg", frame, [cv2.IMWRITE_JPEG_QUALITY, 85])
+        assert ok
+        frames.append(bytes(buf.tobytes()))
+    capture.release()
+    if not frames:
+        raise SystemExit(f"no frames could be read from {path}")
+    return frames
+
+
 def start_server(
-    directory: Path, port: int, layers: int, channels: int, det_batch: int
+    directory: Path,
+    port: int,
+    layers: int,
+    channels: int,
+    det_batch: int,
+    real_models: Path | None = None,
 ) -> subprocess.Popen[bytes]:
-    build_scrfd_model(directory / "det.onnx", FACES, trunk_layers=layers, trunk_channels=channels)
-    build_arcface_model(directory / "rec.onnx")
-    override = {
-        "bench_scrfd": {"family": "scrfd", "file": "det.onnx"},
-        "bench_arcface": {"family": "arcface", "file": "rec.onnx"},
-    }
-    (directory / "models.override.json").write_text(json.dumps(override))
+    if real_models is None:
+        build_scrfd_model(
+            directory / "det.onnx", FACES, trunk_layers=layers, trunk_channels=channels
+        )
+        build_arcface_model(directory / "rec.onnx")
+        override = {
+            "bench_scrfd": {"family": "scrfd", "file": "det.onnx"},
+            "bench_arcface": {"family": "arcface", "file": "rec.onnx"},
+        }
+        (directory / "models.override.json").write_text(json.dumps(override))
     env = {
         **os.environ,
-        "MODELS_DIR": str(directory),
-        "DET_MODEL": "bench_scrfd",
-        "REC_MODEL": "bench_arcface",
+        "MODELS_DIR": str(real_models or directory),
+        "DET_MODEL": "scrfd_2.5g_bnkps" if real_models else "bench_scrfd",
+        "REC_MODEL": "mobilefacenet_128" if real_models else "bench_arcface",
         "TRUST_UNVERIFIED": "1",
         "INFERENCE_BACKEND": "onnx",
         "HOST": "127.0.0.1",
@@ -135,19 +168,30 @@ def queue_depth(metrics_text: str) -> float:
 
 
 async def one_run(
-    url: str, base: str, pid: int | None, streams: int, fps: float, seconds: float, embed: bool
+    url: str,
+    base: str,
+    pid: int | None,
+    streams: int,
+    fps: float,
+    seconds: float,
+    embed: bool,
+    frames: list[bytes] | None = None,
 ) -> dict[str, Any]:
-    frames = make_frames(8, seed=streams)
+    frames = frames or make_frames(8, seed=streams)
     frame_count = int(fps * seconds)
     peak = {"queue": 0.0, "rss": 0.0}
+    rss_samples: list[tuple[float, float]] = []
     sampling = True
 
     async def sample(session: aiohttp.ClientSession) -> None:
+        started = time.monotonic()
         while sampling:
             async with session.get(f"{base}/metrics") as resp:
                 peak["queue"] = max(peak["queue"], queue_depth(await resp.text()))
             if pid is not None:
-                peak["rss"] = max(peak["rss"], rss_mb(pid))
+                rss = rss_mb(pid)
+                peak["rss"] = max(peak["rss"], rss)
+                rss_samples.append((time.monotonic() - started, rss))
             await asyncio.sleep(0.1)
 
     async def source(offset: int) -> AsyncIterator[bytes]:
@@ -186,6 +230,13 @@ async def one_run(
         "dropped": sum(s["dropped"] for s in per_stream),
         "peak_queue_depth": peak["queue"],
         "peak_rss_mb": peak["rss"],
+        # Growth check for long runs: the peak of the first and of the last tenth of the run.
+        "rss_first_tenth_mb": max(
+            (r for t, r in rss_samples if t <= seconds / 10), default=float("nan")
+        ),
+        "rss_last_tenth_mb": max(
+            (r for t, r in rss_samples if t >= seconds * 0.9), default=float("nan")
+        ),
     }
 
 
@@ -202,15 +253,24 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
         else:
             port = free_port()
             proc = start_server(
-                Path(tmp), port, args.trunk_layers, args.trunk_channels, args.det_batch
+                Path(tmp),
+                port,
+                args.trunk_layers,
+                args.trunk_channels,
+                1 if args.real_models else args.det_batch,
+                args.real_models,
             )
             base, url = f"http://127.0.0.1:{port}", f"ws://127.0.0.1:{port}/ws/stream"
         try:
             await wait_ready(base, proc, 60)
             rows = []
             for n in args.streams:
-                runs = [
-                    await one_run(
+                runs = []
+                for _ in range(args.repeats):
+                    # The limit right before each run: on a shared machine the load moves
+                    # between minutes, and a ratio must compare like with like.
+                    limit_now = args.limit() if args.limit else None
+                    run = await one_run(
                         url,
                         base,
                         proc.pid if proc else None,
@@ -218,12 +278,20 @@ async def bench(args: argparse.Namespace) -> list[dict[str, Any]]:
                         args.fps,
                         args.seconds,
                         args.embeddings,
+                        args.frames,
                     )
-                    for _ in range(args.repeats)
-                ]
+                    if limit_now:
+                        run["limit_fps"] = limit_now
+                        run["ratio_to_limit"] = run["fps_total"] / limit_now
+                    runs.append(run)
                 row = median_of(runs)
                 rows.append(row)
                 print(format_row(row, args.fps), flush=True)
+                print(
+                    f"<!-- RSS peak in the first / last tenth of the run: "
+                    f"{row['rss_first_tenth_mb']:.0f} / {row['rss_last_tenth_mb']:.0f} MB -->",
+                    flush=True,
+                )
             return rows
         finally:
             if proc is not None:
@@ -239,10 +307,11 @@ HEADER = (
 
 
 def format_row(r: dict[str, Any], fps: float) -> str:
+    ratio = f" {r['limit_fps']:.2f} | {r['ratio_to_limit']:.2f} |" if "ratio_to_limit" in r else ""
     return (
         f"| {r['streams']:.0f} | {fps:g} | {r['fps_per_stream']:.1f} | {r['fps_total']:.1f} | "
         f"{r['latency_p50_ms']:.0f} | {r['latency_p99_ms']:.0f} | {r['sent']:.0f} | "
-        f"{r['dropped']:.0f} | {r['peak_queue_depth']:.0f} | {r['peak_rss_mb']:.0f} |"
+        f"{r['dropped']:.0f} | {r['peak_queue_depth']:.0f} | {r['peak_rss_mb']:.0f} |{ratio}"
     )
 
 
@@ -263,17 +332,53 @@ def main() -> None:
     parser.add_argument("--trunk-channels", type=int, default=16)
     parser.add_argument("--det-batch", type=int, default=8)
     parser.add_argument("--json-out", type=Path, help="also write the rows as JSON here")
+    parser.add_argument(
+        "--real-models",
+        type=Path,
+        nargs="?",
+        const=SHARED / "models",
+        help="serve the real models and stream the shared video (default: ../shared/models)",
+    )
+    parser.add_argument("--video-frames", type=int, default=90, help="frames of the video used")
+    parser.add_argument(
+        "--limit-seconds", type=float, help="each models-alone measurement (default: half a run)"
+    )
     args = parser.parse_args()
+    args.frames, args.limit = None, None
     print(
         f"# {platform.node()}: {platform.processor() or platform.machine()}, "
         f"{os.cpu_count()} CPUs, Python {platform.python_version()}"
     )
-    print(HEADER, flush=True)
+    if args.real_models:
+        from model_limit import limit, prepare  # beside this script
+
+        args.frames = video_frames(SHARED / "photos" / VIDEO, args.video_frames)
+        preps = [prepare(args.real_models, f) for f in args.frames]
+        faces = sum(len(p.crops) for p in preps) / len(preps)
+
+        def best_limit() -> float:
+            seconds = args.limit_seconds or args.seconds / 2
+            ways = {w: limit(args.real_models, preps, seconds, w == "per-core") for w in WAYS}
+            print(
+                f"<!-- models alone on {len(preps)} video frames ({faces:.1f} faces/frame): "
+                + ", ".join(f"{w} {v:.2f} fps" for w, v in ways.items())
+                + " -->",
+                flush=True,
+            )
+            return max(ways.values())
+
+        args.limit = best_limit
+    top, rule = HEADER.split("\n")
+    if args.real_models:
+        top, rule = top + " models-alone fps | ratio to limit |", rule + "---:|---:|"
+    print(f"{top}\n{rule}", flush=True)
     rows = asyncio.run(bench(args))
     if args.json_out:
         args.json_out.write_text(
             json.dumps(
-                {"args": vars(args) | {"json_out": None}, "rows": rows}, indent=2, default=str
+                {"args": vars(args) | {"json_out": None, "frames": None}, "rows": rows},
+                indent=2,
+                default=str,
             )
         )
 

@@ -169,8 +169,8 @@ async def test_stop_fails_pending_and_joins_thread() -> None:
     rec = Recorder(block=True)
     b = make(rec, max_batch=1, window_ms=0)
     b.start()
-    thread = b._thread
-    assert thread is not None and thread.is_alive()
+    (thread,) = b.threads
+    assert thread.is_alive()
     running = asyncio.create_task(b.submit(item(1)))
     assert await asyncio.to_thread(rec.started.wait, 2)
     pending = [asyncio.create_task(b.submit(item(v))) for v in (2, 3)]
@@ -179,7 +179,7 @@ async def test_stop_fails_pending_and_joins_thread() -> None:
     asyncio.get_running_loop().call_later(0.05, rec.release.set)
     await asyncio.wait_for(b.stop(), 2)
     assert not thread.is_alive()
-    assert b._thread is None
+    assert b.threads == []
     for task in pending:
         with pytest.raises(BatcherClosedError):
             await task
@@ -276,7 +276,7 @@ async def test_observer_error_does_not_kill_worker(batchers: list[DynamicBatcher
     await asyncio.gather(
         asyncio.wait_for(b.submit(item(1)), 0.5), return_exceptions=True
     )  # whatever this one gets, the worker must live on
-    assert b._thread is not None and b._thread.is_alive()
+    assert [t.is_alive() for t in b.threads] == [True]
 
 
 @pytest.mark.filterwarnings("ignore::pytest.PytestUnhandledThreadExceptionWarning")
@@ -291,7 +291,7 @@ async def test_short_output_fails_items_not_worker(batchers: list[DynamicBatcher
         asyncio.wait_for(b.submit_many([item(1), item(2)]), 0.5), return_exceptions=True
     )
     assert not isinstance(results[0], asyncio.TimeoutError)
-    assert b._thread is not None and b._thread.is_alive()
+    assert [t.is_alive() for t in b.threads] == [True]
 
 
 async def test_window_counts_from_first_arrival(batchers: list[DynamicBatcher]) -> None:
@@ -315,8 +315,7 @@ def test_batcher_call_soon_threadsafe_at_shutdown_keeps_worker_alive() -> None:
     rec = Recorder(block=True)
     b = make(rec, max_batch=1, window_ms=0)
     b.start()
-    thread = b._thread
-    assert thread is not None
+    (thread,) = b.threads
     doomed = asyncio.new_event_loop()
     task = doomed.create_task(b.submit(item(1)))
     # Run the doomed loop until the worker holds its item, then close it under the worker.

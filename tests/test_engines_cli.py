@@ -18,8 +18,9 @@ import pytest
 
 from appliance import cli
 from appliance.backends.base import BackendError
+from appliance.backends.engine_cache import EngineCache
 from appliance.backends.ort import OnnxRuntimeBackend
-from appliance.backends.tensorrt import EnginePlan, ProgressFn
+from appliance.backends.tensorrt import EnginePlan, ProgressFn, plan_engine
 from appliance.commands.check import check_models
 from appliance.commands.engines import (
     EXIT_BUILD_FAILED,
@@ -32,6 +33,7 @@ from appliance.commands.engines import (
 )
 from appliance.config import Settings, load_settings
 from appliance.models.demo import build_arcface_model
+from appliance.models.loader import input_rewrite, normalizes_input
 
 
 class StandInToolchain:
@@ -87,8 +89,9 @@ def test_first_run_builds_every_engine_and_second_run_does_nothing(
     text = out.getvalue()
     assert toolchain.builds == ["demo_scrfd", "demo_arcface"]
     assert "demo_scrfd: built in" in text
-    assert "(fp16, batch 1..2, input (3, 640, 640); was missing)" in text
-    assert "(fp16, batch 1..8, input (3, 112, 112); was missing)" in text
+    # The server's graph: uint8 NHWC pixels in, the conversion to NCHW floats in the engine.
+    assert "(fp16, batch 1..2, input (640, 640, 3); was missing)" in text
+    assert "(fp16, batch 1..8, input (112, 112, 3); was missing)" in text
     assert text.rstrip().endswith("2 engine(s) built, 0 up to date")
     engines = sorted(settings.engines_dir.glob("*.engine"))
     assert [p.name.split(".")[0] for p in engines] == ["demo_arcface", "demo_scrfd"]
@@ -268,3 +271,23 @@ def test_override_file_models_are_found(tmp_path: Path) -> None:
         tmp_path / "mine.onnx",
         6,
     )
+
+
+def test_built_engines_are_keyed_by_the_servers_input_conversion(
+    demo: tuple[Settings, list[ModelTarget]],
+) -> None:
+    settings, targets = demo
+    toolchain = StandInToolchain()
+    build_engines(settings, targets, toolchain, out=io.StringIO())
+    for target in targets:
+        rewrite = input_rewrite(target.info, normalizes_input(target.info, target.path))
+        # What `open_tensorrt_backends` plans at start-up for the same model.
+        served = plan_engine(
+            settings, target.info, target.path, target.max_batch, toolchain, rewrite
+        )
+        plain = plan_engine(settings, target.info, target.path, target.max_batch, toolchain)
+        assert served.key.input_rewrite == rewrite.describe() != plain.key.input_rewrite
+        names = [p.name for p in settings.engines_dir.glob(f"{target.info.name}.*.engine")]
+        assert names == [
+            EngineCache(settings.engines_dir).path_for(target.info.name, served.key).name
+        ]

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
-from typing import TYPE_CHECKING, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
@@ -12,6 +12,9 @@ if TYPE_CHECKING:
     from appliance.backends.batching import BatchPlan
 
 FloatArray = npt.NDArray[np.float32]
+# What `infer` takes: uint8 (N, H, W, 3) pixels for models loaded with an input rewrite
+# (`onnx_graph.InputRewrite`, what the loader always does), float32 NCHW otherwise.
+InputArray = npt.NDArray[Any]
 
 
 class BackendError(RuntimeError):
@@ -39,7 +42,7 @@ def check_batch_size(name: str, n: int, max_batch: int) -> None:
 
 @runtime_checkable
 class InferenceBackend(Protocol):
-    """A loaded model that turns a batch (N, C, H, W) into named outputs.
+    """A loaded model that turns a batch (`inputs[0]`'s shape and dtype) into named outputs.
 
     `outputs` is in the model's declared order; the registry maps that order to meaning
     (for SCRFD: scores s8, s16, s32, boxes s8.., keypoints s8..). `infer` accepts any batch
@@ -61,6 +64,12 @@ class InferenceBackend(Protocol):
     # How the configured batch meets the model's own batch dimension (`batching.BatchPlan`).
     batch_plan: BatchPlan
 
-    def infer(self, batch: FloatArray) -> dict[str, FloatArray]: ...
+    def infer(self, batch: InputArray) -> dict[str, FloatArray]: ...
+
+    def input_buffer(self, n: int) -> InputArray:
+        """A writable (n, ...) array `infer` reads without another copy when given it back
+        (the page-locked host buffer on TensorRT). Only the caller that asked may use it until
+        its `infer` returns; each backend is driven by one thread at a time."""
+        ...
 
     def close(self) -> None: ...

@@ -20,7 +20,7 @@ from typing import Literal, Protocol
 import numpy as np
 import onnx
 
-from appliance.backends.base import FloatArray
+from appliance.backends.base import FloatArray, InputArray
 from appliance.models import onnx_graph
 
 BatchMode = Literal["dynamic", "rewritten", "pieces", "fixed"]
@@ -93,10 +93,10 @@ class BatchPlan:
         return self.effective if self.mode in ("pieces", "fixed") else 1
 
 
-Run = Callable[[FloatArray], dict[str, FloatArray]]
+Run = Callable[[InputArray], dict[str, FloatArray]]
 
 
-def run_in_pieces(run: Run, batch: FloatArray, plan: BatchPlan) -> dict[str, FloatArray]:
+def run_in_pieces(run: Run, batch: InputArray, plan: BatchPlan) -> dict[str, FloatArray]:
     """Run `batch` through `run` in model-sized pieces and stitch the outputs together.
 
     A fixed batch above 1 takes only full batches: the last piece is padded with zeros and

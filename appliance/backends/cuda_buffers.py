@@ -174,8 +174,18 @@ class IOBuffers:
         if array.shape[1:] != buf.shape[1:] or count > buf.shape[0]:
             raise CudaError(f"{name}: array of shape {array.shape} does not fit {buf.shape}")
         staged = buf.host[:count]
-        np.copyto(staged, array, casting="same_kind")
+        # The batcher assembles batches in the page-locked buffer itself (`host_view`): then
+        # there is nothing to stage.
+        if not (array.ctypes.data == staged.ctypes.data and array.strides == staged.strides):
+            np.copyto(staged, array, casting="same_kind")
         self.device.driver.memcpy_htod_async(buf.device, staged, self.stream)
+
+    def host_view(self, name: str, count: int) -> npt.NDArray[Any]:
+        """The first `count` rows of the tensor's page-locked host buffer, to fill in place."""
+        buf = self.buffers[name]
+        if not 1 <= count <= buf.shape[0]:
+            raise CudaError(f"{name}: {count} rows do not fit {buf.shape}")
+        return buf.host[:count]
 
     def download(self, name: str, shape: tuple[int, ...]) -> npt.NDArray[Any]:
         """Queue device -> host of the first prod(shape) elements; returns the host view.

@@ -88,6 +88,9 @@ class EngineKey:
     compute_capability: str
     precision: Precision
     profiles: tuple[ProfileShape, ...]
+    # The conversion prepended to the graph (`onnx_graph.InputRewrite.describe()`), "" for
+    # none: the file's sha256 alone no longer names the graph the engine was built from.
+    input_rewrite: str = ""
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -97,6 +100,7 @@ class EngineKey:
             "compute_capability": self.compute_capability,
             "precision": self.precision,
             "profiles": [p.to_dict() for p in self.profiles],
+            "input_rewrite": self.input_rewrite,
         }
 
     @classmethod
@@ -111,6 +115,7 @@ class EngineKey:
             compute_capability=str(data["compute_capability"]),
             precision=precision,
             profiles=tuple(ProfileShape.from_dict(p) for p in data["profiles"]),
+            input_rewrite=str(data.get("input_rewrite", "")),
         )
 
     def digest(self) -> str:

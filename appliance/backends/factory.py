@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.backends.base import BackendError, InferenceBackend
+from appliance.backends.pool import BackendPool
 from appliance.config import Settings
+from appliance.models.onnx_graph import InputRewrite
 from appliance.models.registry import ModelInfo
 
 ResolvedBackend = Literal["trt", "onnx"]
@@ -53,13 +55,57 @@ def open_backend(
     info: ModelInfo,
     model_path: Path,
     max_batch: int,
+    input_rewrite: InputRewrite | None = None,
+    intra_op_threads: int | None = None,
 ) -> InferenceBackend:
+    """One session or engine context. With `input_rewrite` it takes uint8 NHWC BGR pixels."""
     if kind == "onnx":
         from appliance.backends.ort import OnnxRuntimeBackend
 
         return OnnxRuntimeBackend(
-            model_path, info, max_batch=max_batch, image_shape=image_shape_for(settings, info)
+            model_path,
+            info,
+            max_batch=max_batch,
+            intra_op_threads=intra_op_threads,
+            image_shape=image_shape_for(settings, info),
+            input_rewrite=input_rewrite,
         )
     from appliance.backends.tensorrt import open_tensorrt_backend
 
-    return open_tensorrt_backend(settings, info, model_path, max_batch=max_batch)
+    return open_tensorrt_backend(
+        settings, info, model_path, max_batch=max_batch, input_rewrite=input_rewrite
+    )
+
+
+def open_pool(
+    kind: ResolvedBackend,
+    settings: Settings,
+    info: ModelInfo,
+    model_path: Path,
+    max_batch: int,
+    workers: int,
+    input_rewrite: InputRewrite | None,
+    intra_op_threads: int,
+) -> BackendPool:
+    """`workers` sessions (ONNX Runtime) or execution contexts of one engine (TensorRT)."""
+    if kind == "trt":
+        from appliance.backends.tensorrt import open_tensorrt_backends
+
+        return BackendPool(
+            open_tensorrt_backends(
+                settings, info, model_path, max_batch, workers, input_rewrite=input_rewrite
+            )
+        )
+    members: list[InferenceBackend] = []
+    try:
+        for _ in range(workers):
+            members.append(
+                open_backend(
+                    kind, settings, info, model_path, max_batch, input_rewrite, intra_op_threads
+                )
+            )
+    except BaseException:
+        for member in members:
+            member.close()
+        raise
+    return BackendPool(members)

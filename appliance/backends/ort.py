@@ -7,7 +7,13 @@ from pathlib import Path
 
 import numpy as np
 
-from appliance.backends.base import BackendError, FloatArray, TensorSpec, check_batch_size
+from appliance.backends.base import (
+    BackendError,
+    FloatArray,
+    InputArray,
+    TensorSpec,
+    check_batch_size,
+)
 from appliance.backends.batching import BatchPlan, dims, plan_batch, run_in_pieces, with_batch_axis
 from appliance.models import onnx_graph
 from appliance.models.registry import ModelInfo
@@ -26,6 +32,7 @@ class OnnxRuntimeBackend:
         max_batch: int,
         intra_op_threads: int | None = None,
         image_shape: tuple[int, int, int] | None = None,
+        input_rewrite: onnx_graph.InputRewrite | None = None,
     ) -> None:
         import onnxruntime as ort
 
@@ -38,7 +45,14 @@ class OnnxRuntimeBackend:
         except Exception as exc:
             raise BackendError(f"{model_path} is not a readable ONNX model: {exc}") from None
         self._max_batch = max_batch
-        model, self.batch_plan = plan_batch(model, max_batch, image_shape or info.input_shape)
+        chw = image_shape or info.input_shape
+        model, self.batch_plan = plan_batch(model, max_batch, chw)
+        self.input_rewrite = input_rewrite
+        if input_rewrite is not None:
+            try:
+                model = onnx_graph.prepend_input_conversion(model, input_rewrite)
+            except ValueError as exc:
+                raise BackendError(f"{model_path}: cannot take uint8 input: {exc}") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
         options.log_severity_level = 3
@@ -55,9 +69,9 @@ class OnnxRuntimeBackend:
             )
         except Exception as exc:
             raise BackendError(f"ONNX Runtime cannot load {model_path}: {exc}") from None
+        dtype = "float32" if input_rewrite is None else "uint8"
         self._inputs = [
-            TensorSpec(i.name, (-1, *dims(i.shape)[1:]), "float32")
-            for i in self._session.get_inputs()
+            TensorSpec(i.name, (-1, *dims(i.shape)[1:]), dtype) for i in self._session.get_inputs()
         ]
         self._outputs = [
             TensorSpec(o.name, dims(o.shape), "float32") for o in self._session.get_outputs()
@@ -65,6 +79,13 @@ class OnnxRuntimeBackend:
         if len(self._inputs) != 1:
             raise BackendError(f"{model_path}: expected one input, found {len(self._inputs)}")
         self._input_name = self._inputs[0].name
+        self._dtype = np.dtype(dtype)
+        declared = self._inputs[0].shape[1:]
+        wanted = chw if input_rewrite is None else (chw[1], chw[2], chw[0])
+        self._image_shape = tuple(d if d > 0 else w for d, w in zip(declared, wanted, strict=True))
+        # Filled by the batcher in place (`input_buffer`), at the image shape the factory
+        # gave for dimensions the model leaves open (MAX_SIZE for a detector).
+        self._buffer: InputArray = np.empty((0,), self._dtype)
 
     @property
     def inputs(self) -> list[TensorSpec]:
@@ -78,17 +99,22 @@ class OnnxRuntimeBackend:
     def max_batch(self) -> int:
         return self._max_batch
 
-    def _run(self, batch: FloatArray) -> dict[str, FloatArray]:
+    def input_buffer(self, n: int) -> InputArray:
+        if self._buffer.ndim == 1 or self._buffer.shape[0] < n:
+            self._buffer = np.empty((max(n, self._max_batch), *self._image_shape), self._dtype)
+        return self._buffer[:n]
+
+    def _run(self, batch: InputArray) -> dict[str, FloatArray]:
         n = batch.shape[0]
         results = self._session.run(
-            None, {self._input_name: np.ascontiguousarray(batch, np.float32)}
+            None, {self._input_name: np.ascontiguousarray(batch, self._dtype)}
         )
         return {
             spec.name: with_batch_axis(np.asarray(value, dtype=np.float32), n)
             for spec, value in zip(self._outputs, results, strict=True)
         }
 
-    def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
+    def infer(self, batch: InputArray) -> dict[str, FloatArray]:
         check_batch_size(self.name, batch.shape[0], self._max_batch)
         return run_in_pieces(self._run, batch, self.batch_plan)
 

@@ -34,7 +34,13 @@ from typing import TYPE_CHECKING, Any, Protocol
 import numpy as np
 import structlog
 
-from appliance.backends.base import BackendError, FloatArray, TensorSpec, check_batch_size
+from appliance.backends.base import (
+    BackendError,
+    FloatArray,
+    InputArray,
+    TensorSpec,
+    check_batch_size,
+)
 from appliance.backends.batching import BatchPlan, dims, plan_batch, run_in_pieces, with_batch_axis
 from appliance.backends.cuda_buffers import CudaDevice, CudaError, IOBuffers, has_fast_fp16
 from appliance.backends.engine_cache import (
@@ -183,6 +189,7 @@ def plan_engine(
     model_path: Path,
     max_batch: int,
     toolchain: EngineToolchain,
+    input_rewrite: onnx_graph.InputRewrite | None = None,
 ) -> EnginePlan:
     """Read the ONNX model, settle its batch (`batching.plan_batch`), compute the engine's key."""
     if not model_path.is_file():
@@ -193,6 +200,14 @@ def plan_engine(
         raise BackendError(f"{model_path} is not a readable ONNX model: {exc}") from None
     image_shape = image_shape_for(settings, info)
     model, batch = plan_batch(model, max_batch, image_shape)
+    if input_rewrite is not None:
+        # The builder sees the same rewritten graph ONNX Runtime runs: the conversion to
+        # float NCHW then runs on the GPU, and the input binding is uint8 NHWC.
+        try:
+            model = onnx_graph.prepend_input_conversion(model, input_rewrite)
+        except ValueError as exc:
+            raise BackendError(f"{model_path}: cannot take uint8 input: {exc}") from None
+        image_shape = (image_shape[1], image_shape[2], image_shape[0])
     profiles = profile_shapes(model, batch.effective, image_shape, batch.min_batch)
     precision: Precision = "fp16" if settings.force_fp16 and toolchain.fast_fp16 else "fp32"
     key = EngineKey(
@@ -202,6 +217,7 @@ def plan_engine(
         compute_capability=toolchain.compute_capability,
         precision=precision,
         profiles=profiles,
+        input_rewrite=input_rewrite.describe() if input_rewrite is not None else "",
     )
     return EnginePlan(
         label=info.name,
@@ -391,7 +407,10 @@ class TensorRTBackend:
             smallest = self._output_shapes(plan.min_batch)
             at_max = self._output_shapes(run_batch)
         per_image = {n: (1, *s[1:]) if s[0] == plan.min_batch else s for n, s in smallest.items()}
-        self._inputs = [TensorSpec(self._input_name, (-1, *self._image_shape), "float32")]
+        self._input_dtype = self._dtype(self._input_name)
+        self._inputs = [
+            TensorSpec(self._input_name, (-1, *self._image_shape), self._input_dtype.name)
+        ]
         self._outputs = [
             TensorSpec(n, (-1, *per_image[n][1:]) if per_image[n][0] == 1 else (-1, *per_image[n]))
             for n in self._output_names
@@ -433,11 +452,17 @@ class TensorRTBackend:
     def max_batch(self) -> int:
         return self._max_batch
 
-    def infer(self, batch: FloatArray) -> dict[str, FloatArray]:
+    def input_buffer(self, n: int) -> InputArray:
+        if n > self.batch_plan.effective:
+            # A batch run in pieces is split by `run_in_pieces`; plain memory is enough.
+            return np.empty((n, *self._image_shape), self._input_dtype)
+        return self._buffers.host_view(self._input_name, n)
+
+    def infer(self, batch: InputArray) -> dict[str, FloatArray]:
         check_batch_size(self.name, batch.shape[0], self._max_batch)
         return run_in_pieces(self._run, batch, self.batch_plan)
 
-    def _run(self, batch: FloatArray) -> dict[str, FloatArray]:
+    def _run(self, batch: InputArray) -> dict[str, FloatArray]:
         n = batch.shape[0]
         if tuple(batch.shape[1:]) != self._image_shape:
             raise BackendError(
@@ -480,11 +505,41 @@ def open_tensorrt_backend(
     model_path: Path,
     max_batch: int,
     progress: ProgressFn | None = None,
+    input_rewrite: onnx_graph.InputRewrite | None = None,
 ) -> TensorRTBackend:
     """The backend for one model, building (and caching) its engine first if needed."""
+    return open_tensorrt_backends(
+        settings, info, model_path, max_batch, 1, progress, input_rewrite
+    )[0]
+
+
+def open_tensorrt_backends(
+    settings: Settings,
+    info: ModelInfo,
+    model_path: Path,
+    max_batch: int,
+    count: int,
+    progress: ProgressFn | None = None,
+    input_rewrite: onnx_graph.InputRewrite | None = None,
+) -> list[TensorRTBackend]:
+    """`count` execution contexts of one engine, each with its own buffers and CUDA stream.
+
+    Driven by one batcher thread each (`DET_WORKERS`, `REC_WORKERS`), the copies of one batch
+    overlap the inference of another instead of waiting behind it.
+    """
     toolchain = TensorRTToolchain()
+    backends: list[TensorRTBackend] = []
+    open_count = [count]
+
+    def release() -> None:
+        # The toolchain, and so the TensorRT runtime and logger, lives as long as any
+        # context: TensorRT requires the runtime to outlive engines it deserialised.
+        open_count[0] -= 1
+        if open_count[0] == 0:
+            toolchain.close()
+
     try:
-        plan = plan_engine(settings, info, model_path, max_batch, toolchain)
+        plan = plan_engine(settings, info, model_path, max_batch, toolchain, input_rewrite)
         cache = EngineCache(settings.engines_dir)
         report = progress or (
             lambda message: log.info("engine_progress", model=info.name, step=message)
@@ -504,25 +559,31 @@ def open_tensorrt_backend(
             max_batch=max_batch,
             effective_batch=plan.batch.effective,
             batch_mode=plan.batch.mode,
+            contexts=count,
             seconds=round(result.seconds, 2),
             reason=result.reason or None,
         )
         started = time.monotonic()
-        # on_close keeps the toolchain, and so the TensorRT runtime and logger, alive as long
-        # as the engine: TensorRT requires the runtime to outlive engines it deserialised.
-        backend = TensorRTBackend(
-            result.value,
-            info,
-            max_batch,
-            toolchain.device,
-            on_close=toolchain.close,
-            batch_plan=plan.batch,
-        )
+        for _ in range(count):
+            backends.append(
+                TensorRTBackend(
+                    result.value,
+                    info,
+                    max_batch,
+                    toolchain.device,
+                    on_close=release,
+                    batch_plan=plan.batch,
+                )
+            )
         log.debug("context_ready", model=info.name, seconds=round(time.monotonic() - started, 3))
-        return backend
-    except EngineCacheError as exc:
-        toolchain.close()
-        raise BackendError(str(exc)) from None
-    except BaseException:
-        toolchain.close()
+        return backends
+    except BaseException as exc:
+        # Contexts made so far release the toolchain as the last of them closes.
+        open_count[0] = len(backends)
+        for backend in backends:
+            backend.close()
+        if not backends:
+            toolchain.close()
+        if isinstance(exc, EngineCacheError):
+            raise BackendError(str(exc)) from None
         raise

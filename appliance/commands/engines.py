@@ -193,6 +193,7 @@ def build_engines(
     from appliance.backends.base import BackendError
     from appliance.backends.engine_cache import EngineCache, EngineCacheError
     from appliance.backends.tensorrt import ensure_engine, plan_engine
+    from appliance.models.loader import input_rewrite, normalizes_input
 
     cache = EngineCache(settings.engines_dir)
     print(
@@ -204,7 +205,11 @@ def build_engines(
     for target in targets:
         name = target.info.name
         try:
-            plan = plan_engine(settings, target.info, target.path, target.max_batch, toolchain)
+            # The graph the server builds from: with the uint8 input conversion prepended.
+            rewrite = input_rewrite(target.info, normalizes_input(target.info, target.path))
+            plan = plan_engine(
+                settings, target.info, target.path, target.max_batch, toolchain, rewrite
+            )
             shapes = plan.key.profiles[0]
             what = (
                 f"{plan.key.precision}, batch {shapes.min[0]}..{shapes.max[0]}, "

@@ -13,7 +13,9 @@ from typing import Any
 import structlog
 
 from appliance.backends.base import BackendError, InferenceBackend
-from appliance.backends.factory import ResolvedBackend, choose_backend, open_backend
+from appliance.backends.factory import ResolvedBackend, choose_backend, open_pool
+from appliance.backends.pool import BackendPool
+from appliance.backends.threads import ThreadPlan, plan_threads
 from appliance.config import Settings
 from appliance.models import onnx_graph
 from appliance.models.registry import (
@@ -39,7 +41,7 @@ class ModelLoadError(RuntimeError):
 class LoadedModel:
     info: ModelInfo
     path: Path
-    backend: InferenceBackend
+    backend: BackendPool
     normalizes_input: bool
     sha256: str
     # (width, height) the analyzer feeds the model.
@@ -73,6 +75,8 @@ class LoadedModel:
             "checksum": self.info.checksum,
             "input_size": list(self.input_size),
             "max_batch": self.backend.max_batch,
+            "workers": self.backend.workers,
+            "input": "uint8 NHWC BGR; colour order, mean/std and NCHW run in the graph",
             "normalizes_input": self.normalizes_input,
             "rgb": self.info.default_preprocess.rgb,
             "mean": self.info.default_preprocess.mean,
@@ -93,6 +97,7 @@ class LoadedModels:
     backend_reason: str
     detector: LoadedModel
     recognizer: LoadedModel
+    threads: ThreadPlan
 
     def close(self) -> None:
         self.detector.close()
@@ -134,9 +139,19 @@ def normalizes_input(info: ModelInfo, path: Path) -> bool:
     return onnx_graph.normalizes_input(onnx_graph.load(path))
 
 
+def input_rewrite(info: ModelInfo, normalizes: bool) -> onnx_graph.InputRewrite:
+    """The conversion prepended to the graph: the registry's colour order and mean/std, none of
+    the scaling where the graph normalises its input itself."""
+    pre = info.default_preprocess
+    if normalizes:
+        return onnx_graph.InputRewrite(rgb=pre.rgb, mean=0.0, std=1.0)
+    return onnx_graph.InputRewrite(rgb=pre.rgb, mean=pre.mean, std=pre.std)
+
+
 def detector_input_size(settings: Settings, backend: InferenceBackend) -> tuple[int, int]:
+    # (N, H, W, 3): the loader always prepends the uint8 NHWC conversion.
     shape = backend.inputs[0].shape
-    height, width = shape[2], shape[3]
+    height, width = shape[1], shape[2]
     if height > 0 and width > 0 and (width, height) != settings.max_size:
         raise ModelLoadError(
             f"MAX_SIZE is {settings.max_size[0]},{settings.max_size[1]} but the detector "
@@ -152,10 +167,15 @@ def load_model(
     path: Path,
     sha256: str,
     max_batch: int,
+    workers: int = 1,
+    intra_op_threads: int = 1,
 ) -> LoadedModel:
     normalizes = normalizes_input(info, path)
+    rewrite = input_rewrite(info, normalizes)
     try:
-        backend = open_backend(kind, settings, info, path, max_batch)
+        backend = open_pool(
+            kind, settings, info, path, max_batch, workers, rewrite, intra_op_threads
+        )
     except BackendError as exc:
         raise ModelLoadError(str(exc)) from None
     try:
@@ -173,6 +193,8 @@ def load_model(
         effective_batch=plan.effective,
         batch_mode=plan.mode,
         reason=plan.reason,
+        workers=workers,
+        input_rewrite=rewrite.describe(),
     )
     return LoadedModel(info, path, backend, normalizes, sha256, size)
 
@@ -199,11 +221,38 @@ def load_models(settings: Settings) -> LoadedModels:
         kind, reason = choose_backend(settings)
     except BackendError as exc:
         raise ModelLoadError(str(exc)) from None
-    log.info("backend_chosen", backend=kind, reason=reason)
-    det = load_model(kind, settings, det_info, det_path, det_sha, settings.det_batch_size)
+    threads = plan_threads(settings, kind)
+    log.info("backend_chosen", backend=kind, reason=reason, **threads.describe())
+    apply_opencv_threads(threads)
+    det = load_model(
+        kind,
+        settings,
+        det_info,
+        det_path,
+        det_sha,
+        settings.det_batch_size,
+        threads.det_workers,
+        threads.intra_op_threads,
+    )
     try:
-        rec = load_model(kind, settings, rec_info, rec_path, rec_sha, settings.rec_batch_size)
+        rec = load_model(
+            kind,
+            settings,
+            rec_info,
+            rec_path,
+            rec_sha,
+            settings.rec_batch_size,
+            threads.rec_workers,
+            threads.intra_op_threads,
+        )
     except BaseException:
         det.close()
         raise
-    return LoadedModels(kind, reason, det, rec)
+    return LoadedModels(kind, reason, det, rec, threads)
+
+
+def apply_opencv_threads(threads: ThreadPlan) -> None:
+    """OpenCV's thread pool is per process: set once, when the models load."""
+    import cv2
+
+    cv2.setNumThreads(threads.opencv_threads)

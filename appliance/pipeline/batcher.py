@@ -1,7 +1,8 @@
 """`DynamicBatcher`: one queue per model, shared by every request and stream.
 
 Items are collected until the model's max batch is reached or a short window has passed
-since the first item arrived, then run together on the batcher's own worker thread; each
+since the first item arrived, then run together on one of the batcher's worker threads (one
+per backend session, `DET_WORKERS` / `REC_WORKERS`); each
 item's asyncio future is resolved on the event loop. The queue is bounded: when it is full,
 new work is refused at once (`QueueFullError`), never queued without bound.
 
@@ -25,9 +26,13 @@ import numpy as np
 import numpy.typing as npt
 import structlog
 
+from appliance.backends.pool import BackendPool
+
 FloatArray = npt.NDArray[np.float32]
+# One item: an image as the backend takes it (uint8 HWC pixels, or float CHW).
+ItemArray = npt.NDArray[Any]
 Outputs = dict[str, FloatArray]
-RunBatch = Callable[[FloatArray], Outputs]
+RunBatch = Callable[[ItemArray], Outputs]
 # (tags of the batch's items, seconds the backend took); the API turns these into metrics.
 # Tags say where each item came from ("rest", "stream"), so shared batches are visible.
 BatchObserver = Callable[[list[str], float], None]
@@ -48,7 +53,7 @@ class BatcherClosedError(RuntimeError):
 
 @dataclasses.dataclass
 class _Item:
-    data: FloatArray
+    data: ItemArray
     future: asyncio.Future[Outputs]
     loop: asyncio.AbstractEventLoop
     tag: str
@@ -59,12 +64,15 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        run_batch: RunBatch,
+        run_batch: RunBatch | BackendPool,
         max_batch: int,
         window_ms: float,
         max_queue: int,
         observer: BatchObserver | None = None,
     ) -> None:
+        """`run_batch` is a function of a stacked batch, or a `BackendPool` (also given as its
+        bound `infer`): then one worker thread drives each member, assembling each batch in
+        that member's input buffer."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.name = name
@@ -72,12 +80,19 @@ class DynamicBatcher:
         self.max_queue = max_queue
         # Settable while running: the watchdog widens the window when the device is hot.
         self.window_s = window_ms / 1000.0
-        self._run_batch = run_batch
+        owner = getattr(run_batch, "__self__", run_batch)
+        self._pool: BackendPool | None = None
+        if isinstance(owner, BackendPool):
+            self._pool = owner
+            self._run_batch: RunBatch = owner.infer
+        elif not isinstance(run_batch, BackendPool):
+            self._run_batch = run_batch
         self._observer = observer
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
-        self._thread: threading.Thread | None = None
+        self._threads: list[threading.Thread] = []
+        self._stats_lock = threading.Lock()
         self.batches_run = 0
         self.items_run = 0
 
@@ -85,13 +100,29 @@ class DynamicBatcher:
     def depth(self) -> int:
         return len(self._queue)
 
+    @property
+    def threads(self) -> list[threading.Thread]:
+        """The running worker threads (none before `start` and after `stop`)."""
+        return list(self._threads)
+
+    @property
+    def workers(self) -> int:
+        return self._pool.workers if self._pool is not None else 1
+
     def start(self) -> None:
-        if self._thread is not None:
+        if self._threads:
             return
-        self._thread = threading.Thread(
-            target=self._worker, name=f"batcher-{self.name}", daemon=True
-        )
-        self._thread.start()
+        self._threads = [
+            threading.Thread(
+                target=self._worker,
+                args=(i,),
+                name=f"batcher-{self.name}" + (f"-{i}" if self.workers > 1 else ""),
+                daemon=True,
+            )
+            for i in range(self.workers)
+        ]
+        for thread in self._threads:
+            thread.start()
 
     async def stop(self) -> None:
         with self._cond:
@@ -101,15 +132,15 @@ class DynamicBatcher:
             self._cond.notify_all()
         for item in pending:
             _post(item, _fail, BatcherClosedError(f"{self.name} stopped"))
-        if self._thread is not None:
-            await asyncio.to_thread(self._thread.join)
-            self._thread = None
+        for thread in self._threads:
+            await asyncio.to_thread(thread.join)
+        self._threads = []
 
-    async def submit(self, data: FloatArray, tag: str = "") -> Outputs:
-        """Run one item (C, H, W); returns its slice of every output."""
+    async def submit(self, data: ItemArray, tag: str = "") -> Outputs:
+        """Run one item (one image as the backend takes it); returns its slice of every output."""
         return (await self.submit_many([data], tag))[0]
 
-    async def submit_many(self, items: list[FloatArray], tag: str = "") -> list[Outputs]:
+    async def submit_many(self, items: list[ItemArray], tag: str = "") -> list[Outputs]:
         """Queue several items at once: all are accepted or, if they don't fit, none."""
         if not items:
             return []
@@ -153,19 +184,30 @@ class DynamicBatcher:
                     batch.append(item)
             return batch
 
-    def _worker(self) -> None:
+    def _worker(self, index: int) -> None:
         while True:
             batch = self._take_batch()
             if batch is None:
                 return
             if not batch:
                 continue
-            self._run(batch)
+            self._run(batch, index)
 
-    def _run(self, batch: list[_Item]) -> None:
+    def _infer(self, batch: list[_Item], index: int) -> Outputs:
+        if self._pool is None:
+            return self._run_batch(np.stack([item.data for item in batch]))
+        with self._pool.lease(index) as backend:
+            # Straight into the buffer the backend reads (page-locked memory on TensorRT):
+            # one copy per item, no intermediate stacked batch.
+            buffer = backend.input_buffer(len(batch))
+            for row, item in zip(buffer, batch, strict=True):
+                row[...] = item.data
+            return backend.infer(buffer)
+
+    def _run(self, batch: list[_Item], index: int = 0) -> None:
         start = time.perf_counter()
         try:
-            outputs = self._run_batch(np.stack([item.data for item in batch]))
+            outputs = self._infer(batch, index)
             short = [name for name, value in outputs.items() if value.shape[0] < len(batch)]
             if short:
                 raise RuntimeError(f"{self.name}: outputs {short} have fewer rows than the batch")
@@ -183,10 +225,11 @@ class DynamicBatcher:
                 _post(item, _fail, exc)
             return
         elapsed = time.perf_counter() - start
-        self.batches_run += 1
-        self.items_run += len(batch)
-        for item, result in zip(batch, results, strict=True):
-            _post(item, _resolve, result)
+        with self._stats_lock:
+            self.batches_run += 1
+            self.items_run += len(batch)
+        # Observed before results are handed out: a caller that sees its result also sees
+        # the batch in the metrics.
         if self._observer is not None:
             try:
                 self._observer([item.tag for item in batch], elapsed)
@@ -194,6 +237,8 @@ class DynamicBatcher:
                 log.error(
                     "batch_observer_failed", batcher=self.name, error=f"{type(exc).__name__}: {exc}"
                 )
+        for item, result in zip(batch, results, strict=True):
+            _post(item, _resolve, result)
 
 
 def _post(

@@ -1,7 +1,9 @@
 """`FaceAnalyzer`: decoded images in, faces (box, score, landmarks, embedding) out.
 
 CPU-bound steps (letterbox, decoding the detector's outputs, alignment) run in a thread
-pool so the event loop stays free; model runs go through the two shared batchers.
+pool so the event loop stays free; model runs go through the two shared batchers. Both models
+take uint8 BGR pixels (the loader prepends the float conversion to their graphs): the
+letterboxed canvas and the aligned crops go to the batchers as they are.
 """
 
 from __future__ import annotations
@@ -9,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -20,7 +22,7 @@ from appliance.models.registry import ModelInfo
 from appliance.pipeline import align, embed
 from appliance.pipeline.batcher import DynamicBatcher
 from appliance.pipeline.detect import NMS_THRESHOLD, Detection, decode_scrfd
-from appliance.pipeline.images import ImageArray, letterbox
+from appliance.pipeline.images import Decoded, ImageArray, letterbox
 
 FloatArray = npt.NDArray[np.float32]
 T = TypeVar("T")
@@ -95,7 +97,7 @@ class FaceAnalyzer:
 
     def _prepare_detection(
         self, img: ImageArray, max_size: tuple[int, int] | None
-    ) -> tuple[FloatArray, float]:
+    ) -> tuple[ImageArray, float]:
         full = self.detector.input_size
         if max_size is None or max_size == full:
             canvas, scale = letterbox(img, full)
@@ -105,12 +107,12 @@ class FaceAnalyzer:
             small, scale = letterbox(img, (min(max_size[0], full[0]), min(max_size[1], full[1])))
             canvas = np.zeros((full[1], full[0], 3), np.uint8)
             canvas[: small.shape[0], : small.shape[1]] = small
-        pre = self.detector.info.default_preprocess
-        return embed.to_blob(canvas, pre)[0], scale
+        return canvas, scale
 
     def _finish_detection(
-        self, img: ImageArray, outputs: dict[str, FloatArray], scale: float, options: AnalyzeOptions
-    ) -> tuple[list[Face], list[ImageArray]]:
+        self, image: Decoded, outputs: dict[str, FloatArray], scale: float, options: AnalyzeOptions
+    ) -> tuple[list[Face], ImageArray]:
+        img = image.pixels
         detections = decode_scrfd(
             self.detector.ordered(outputs),
             self.detector.input_size,
@@ -118,37 +120,62 @@ class FaceAnalyzer:
             scale,
             self.nms_threshold,
         )
-        detections = [d for d in detections if _clip(d, img).size_ok(options.min_face_size)]
+        # Faces are reported (and sized) on the original image; crops come from the pixels.
+        pairs = [(d, _to_original(d, image)) for d in detections]
+        height, width = img.shape[0] / image.scale_y, img.shape[1] / image.scale_x
+        pairs = [p for p in pairs if _clip(p[1], width, height).size_ok(options.min_face_size)]
         if options.limit_faces > 0:
-            detections = detections[: options.limit_faces]
-        faces = [Face(bbox=d.bbox, prob=d.score, landmarks=d.landmarks) for d in detections]
-        crops = [
-            align.align_face(img, d.landmarks) if d.landmarks is not None else _center_crop(img, d)
-            for d in detections
-        ]
-        return faces, crops
+            pairs = pairs[: options.limit_faces]
+        detections = [d for d, _ in pairs]
+        faces = [Face(bbox=m.bbox, prob=m.score, landmarks=m.landmarks) for _, m in pairs]
+        if not (options.extract_embedding or options.return_face_data):
+            # Nobody asked for crops or embeddings: no alignment, no recognizer.
+            return faces, np.empty((0, align.CROP_SIZE, align.CROP_SIZE, 3), np.uint8)
+        return faces, _crops(img, detections)
 
-    async def analyze(self, img: ImageArray, options: AnalyzeOptions) -> ImageResult:
+    async def _detect(
+        self, image: Decoded, options: AnalyzeOptions
+    ) -> tuple[list[Face], ImageArray, dict[str, float]]:
         t0 = time.perf_counter()
-        blob, scale = await self._cpu(self._prepare_detection, img, options.max_size)
+        canvas, scale = await self._cpu(self._prepare_detection, image.pixels, options.max_size)
         t1 = time.perf_counter()
-        outputs = await self.detector.batcher.submit(blob, options.source)
+        outputs = await self.detector.batcher.submit(canvas, options.source)
         t2 = time.perf_counter()
-        faces, crops = await self._cpu(self._finish_detection, img, outputs, scale, options)
+        faces, crops = await self._cpu(self._finish_detection, image, outputs, scale, options)
         t3 = time.perf_counter()
         timings = {
             "detect_pre_ms": (t1 - t0) * 1e3,
             "detect_ms": (t2 - t1) * 1e3,
             "detect_post_ms": (t3 - t2) * 1e3,
         }
-        if faces and (options.extract_embedding or options.return_face_data):
-            if options.return_face_data:
-                for face, crop in zip(faces, crops, strict=True):
-                    face.crop = crop
-            if options.extract_embedding:
-                await self._embed_into(faces, crops, options.source)
-                timings["embed_ms"] = (time.perf_counter() - t3) * 1e3
-        return ImageResult(faces=faces, timings_ms=timings)
+        if options.return_face_data:
+            for face, crop in zip(faces, crops, strict=True):
+                face.crop = crop
+        return faces, crops, timings
+
+    async def analyze(self, img: ImageArray | Decoded, options: AnalyzeOptions) -> ImageResult:
+        """One image: decoded pixels, or a `Decoded` at a reduced scale (`decode_for`), whose
+        faces are reported in the original image's coordinates."""
+        return (await self.analyze_many([img], options))[0]
+
+    async def analyze_many(
+        self, images: Sequence[ImageArray | Decoded], options: AnalyzeOptions
+    ) -> list[ImageResult]:
+        """Every image of a request: detections run concurrently (the detector's batcher
+        groups them), then the crops of all images go to the recognizer in one submission."""
+        decoded = [i if isinstance(i, Decoded) else Decoded(i, 1.0, 1.0) for i in images]
+        detected = await asyncio.gather(*(self._detect(image, options) for image in decoded))
+        results = [ImageResult(faces, timings) for faces, _, timings in detected]
+        faces = [face for found, _, _ in detected for face in found]
+        if faces and options.extract_embedding:
+            t0 = time.perf_counter()
+            crops = np.concatenate([crops for _, crops, _ in detected])
+            await self._embed_into(faces, crops, options.source)
+            elapsed = (time.perf_counter() - t0) * 1e3
+            for result in results:
+                if result.faces:
+                    result.timings_ms["embed_ms"] = elapsed
+        return results
 
     async def embed_only(self, img: ImageArray, source: str = "rest") -> ImageResult:
         """The image is already an aligned crop: resize to 112x112 and embed it."""
@@ -163,20 +190,20 @@ class FaceAnalyzer:
         await self._embed_into([face], [crop], source)
         return ImageResult(faces=[face], timings_ms={"embed_ms": (time.perf_counter() - t0) * 1e3})
 
-    async def _embed_into(self, faces: list[Face], crops: list[ImageArray], source: str) -> None:
+    async def _embed_into(
+        self, faces: list[Face], crops: ImageArray | list[ImageArray], source: str
+    ) -> None:
+        """Embed the uint8 (N, 112, 112, 3) BGR crops into `faces` (the recognizer's graph
+        converts them; a graph that normalises itself was given no mean/std by the loader)."""
         rec = self.recognizer
         if rec is None:
             return
-        pre = rec.info.default_preprocess
-        if rec.normalizes_input:
-            pre = dataclasses.replace(pre, mean=0.0, std=1.0)
-        blob = await self._cpu(embed.to_blob, crops, pre)
         # A crowd has more crops than the queue holds: submit a model run's worth at a time,
         # so one image never needs the whole queue at once (all or nothing would refuse it).
         chunk = min(rec.batcher.max_batch, rec.batcher.max_queue)
         results = []
-        for start in range(0, len(blob), chunk):
-            results += await rec.batcher.submit_many(list(blob[start : start + chunk]), source)
+        for start in range(0, len(crops), chunk):
+            results += await rec.batcher.submit_many(list(crops[start : start + chunk]), source)
         raw = np.stack([rec.ordered(r)[0].reshape(-1) for r in results])
         vecs, norms = embed.normalize(raw)
         for face, vec, norm in zip(faces, vecs, norms, strict=True):
@@ -193,11 +220,31 @@ class _Clipped:
         return min_size <= 0 or max(self.width, self.height) >= min_size
 
 
-def _clip(d: Detection, img: ImageArray) -> _Clipped:
-    h, w = img.shape[:2]
+def _to_original(d: Detection, image: Decoded) -> Detection:
+    if image.scale_x == image.scale_y == 1.0:
+        return d
+    sx, sy = image.scale_x, image.scale_y
+    x1, y1, x2, y2 = d.bbox
+    landmarks = None
+    if d.landmarks is not None:
+        landmarks = (d.landmarks / np.array([sx, sy], np.float32)).astype(np.float32)
+    return Detection((x1 / sx, y1 / sy, x2 / sx, y2 / sy), d.score, landmarks)
+
+
+def _clip(d: Detection, w: float, h: float) -> _Clipped:
     x1, y1 = max(d.bbox[0], 0.0), max(d.bbox[1], 0.0)
     x2, y2 = min(d.bbox[2], float(w)), min(d.bbox[3], float(h))
     return _Clipped(max(x2 - x1, 0.0), max(y2 - y1, 0.0))
+
+
+def _crops(img: ImageArray, detections: list[Detection]) -> ImageArray:
+    """(N, 112, 112, 3) crops: aligned on landmarks in one call, the box for faces without."""
+    landmarks = [d.landmarks for d in detections if d.landmarks is not None]
+    if len(landmarks) == len(detections):
+        points = np.stack(landmarks) if landmarks else np.empty((0, 5, 2), np.float32)
+        return align.align_faces(img, points)
+    # A detector without landmark outputs gives none for any face.
+    return np.stack([_center_crop(img, d) for d in detections])
 
 
 def _resize_crop(img: ImageArray) -> ImageArray:

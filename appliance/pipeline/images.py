@@ -16,12 +16,14 @@ from __future__ import annotations
 
 import dataclasses
 import struct
+from collections.abc import Iterable
 from typing import Any
 
 import cv2
 import numpy as np
 import numpy.typing as npt
 
+from appliance.pipeline import nvjpeg
 from appliance.pipeline.budget import PixelBudget, Reservation
 from appliance.pipeline.image_formats import (
     JPEG_MAGIC,
@@ -36,6 +38,7 @@ from appliance.pipeline.image_formats import (
     png_size,
     read_header,
 )
+from appliance.pipeline.nvjpeg import GpuJpegDecoder
 
 ImageArray = npt.NDArray[np.uint8]
 
@@ -47,11 +50,13 @@ __all__ = [
     "DEFAULT_PIXELS_IN_FLIGHT",
     "JPEG_MAGIC",
     "PNG_MAGIC",
+    "Decoded",
     "ImageArray",
     "ImageDecoder",
     "ImageError",
     "ImageInfo",
     "apply_orientation",
+    "dct_scale",
     "encode_jpeg",
     "exif_orientation",
     "is_jpeg",
@@ -81,6 +86,9 @@ class ImageDecoder:
     budget: PixelBudget = dataclasses.field(
         default_factory=lambda: PixelBudget(DEFAULT_PIXELS_IN_FLIGHT)
     )
+    gpu: GpuJpegDecoder | None = None
+    # USE_NVJPEG's outcome for /info: "in use", "off (...)" or "not available: why".
+    nvjpeg_status: str = "off (USE_NVJPEG=0)"
 
     def __post_init__(self) -> None:
         if self.budget.capacity < self.max_pixels:
@@ -92,15 +100,21 @@ class ImageDecoder:
         max_pixels: int,
         use_turbojpeg: bool = True,
         max_pixels_in_flight: int = DEFAULT_PIXELS_IN_FLIGHT,
+        use_nvjpeg: bool = False,
     ) -> ImageDecoder:
+        gpu, status = nvjpeg.load(use_nvjpeg)
         return cls(
             max_pixels=max_pixels,
             turbo=_load_turbojpeg() if use_turbojpeg else None,
             budget=PixelBudget(max(max_pixels_in_flight, max_pixels)),
+            gpu=gpu,
+            nvjpeg_status=status,
         )
 
     @property
     def jpeg_library(self) -> str:
+        if self.gpu is not None:
+            return "nvjpeg"
         return "turbojpeg" if self.turbo is not None else "opencv"
 
     def probe(self, data: bytes) -> ImageInfo:
@@ -123,10 +137,57 @@ class ImageDecoder:
             )
         return self._decode(data, info)
 
+    def decode_for(
+        self,
+        data: bytes,
+        fit: tuple[int, int],
+        reservation: Reservation | None = None,
+        margin: float = 1.0,
+    ) -> Decoded:
+        """Decode for a detector input of `fit` (width, height): a JPEG at least twice as large
+        decodes at the smallest libjpeg-turbo DCT scale that still leaves `margin` times the
+        letterbox's size, so the letterbox still shrinks it. Most of a large JPEG's decoding
+        cost is the inverse DCT of pixels the letterbox would throw away.
+        """
+        info = self.probe(data)
+        if reservation is None:
+            with self.budget.reserve(info.pixels):
+                return self._decode_for(data, info, fit, margin)
+        if reservation.released or reservation.pixels < info.pixels:
+            raise ValueError(
+                f"the reservation holds {reservation.pixels} pixels; this image needs {info.pixels}"
+            )
+        return self._decode_for(data, info, fit, margin)
+
+    def _decode_for(
+        self, data: bytes, info: ImageInfo, fit: tuple[int, int], margin: float
+    ) -> Decoded:
+        factor = None
+        if info.format == "jpeg" and self.turbo is not None:
+            factor = dct_scale(
+                info.width,
+                info.height,
+                exif_orientation(data),
+                fit,
+                margin,
+                self.turbo.scaling_factors,
+            )
+        if factor is None:
+            return Decoded(self._decode(data, info), 1.0, 1.0)
+        _check_complete_jpeg(data)
+        img = self._decode_turbo(data, info, factor)
+        turned = exif_orientation(data) in (5, 6, 7, 8)
+        width, height = (info.height, info.width) if turned else (info.width, info.height)
+        return Decoded(img, img.shape[1] / width, img.shape[0] / height)
+
     def _decode(self, data: bytes, info: ImageInfo) -> ImageArray:
         if info.format == "jpeg":
             # Before decoding: a truncated file is refused without paying for the decode.
             _check_complete_jpeg(data)
+            if self.gpu is not None:
+                img = self.gpu.decode(data)
+                if img is not None:
+                    return img
             if self.turbo is not None:
                 return self._decode_turbo(data, info)
         return self._decode_opencv(data, info)
@@ -143,7 +204,9 @@ class ImageDecoder:
                 f"the limit (MAX_IMAGE_PIXELS) is {self.max_pixels}",
             )
 
-    def _decode_turbo(self, data: bytes, info: ImageInfo) -> ImageArray:
+    def _decode_turbo(
+        self, data: bytes, info: ImageInfo, factor: tuple[int, int] | None = None
+    ) -> ImageArray:
         assert self.turbo is not None
         try:
             width, height, _, _ = self.turbo.decode_header(data)
@@ -151,8 +214,12 @@ class ImageDecoder:
             raise ImageError("corrupt_image", f"JPEG header cannot be read: {exc}") from None
         if (width, height) != (info.width, info.height):
             raise ImageError("corrupt_image", "JPEG frame headers disagree about its size")
+        if factor is not None:
+            # libjpeg-turbo rounds scaled sizes up (TJSCALED).
+            width = -(-width * factor[0] // factor[1])
+            height = -(-height * factor[0] // factor[1])
         try:
-            img = self.turbo.decode(data)
+            img = self.turbo.decode(data, scaling_factor=factor)
         except OSError:
             # libjpeg-turbo's fast path refuses some valid files (CMYK and YCCK colour, as
             # InsightFace-REST found): OpenCV's libjpeg converts them.
@@ -229,6 +296,37 @@ def _orientation_from_tiff(tiff: bytes) -> int:
             value = int(struct.unpack(endian + "H", tiff[entry + 8 : entry + 10])[0])
             return value if 1 <= value <= 8 else 1
     return 1
+
+
+@dataclasses.dataclass(frozen=True)
+class Decoded:
+    """Decoded pixels and their size over the (upright) original's, per axis: 1.0 for a full
+    decode. Coordinates found on `pixels` divided by these land on the original image."""
+
+    pixels: ImageArray
+    scale_x: float
+    scale_y: float
+
+
+def dct_scale(
+    width: int,
+    height: int,
+    orientation: int,
+    fit: tuple[int, int],
+    margin: float,
+    factors: Iterable[tuple[int, int]],
+) -> tuple[int, int] | None:
+    """The libjpeg-turbo scaling factor for a JPEG of `width` x `height` headed for a letterbox
+    of `fit`, or None for a full decode (an image less than twice the letterbox)."""
+    if orientation in (5, 6, 7, 8):
+        width, height = height, width
+    ratio = min(fit[0] / width, fit[1] / height)  # the letterbox's own shrink factor
+    if ratio > 0.5:
+        return None
+    # Only 1/2, 1/4 and 1/8: libjpeg-turbo has fast reduced IDCTs for those; the others
+    # (3/8, 5/8, 3/4...) measured slower than a full decode (docs/BENCHMARKS.md).
+    usable = [f for f in factors if f[0] == 1 and f[1] > 1 and margin * ratio <= 1 / f[1]]
+    return min(usable, key=lambda f: f[0] / f[1]) if usable else None
 
 
 def apply_orientation(img: ImageArray, orientation: int) -> ImageArray:
