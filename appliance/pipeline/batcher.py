@@ -20,13 +20,12 @@ import threading
 import time
 from collections import deque
 from collections.abc import Callable
-from typing import Any
+from contextlib import AbstractContextManager
+from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
 import numpy.typing as npt
 import structlog
-
-from appliance.backends.pool import BackendPool
 
 FloatArray = npt.NDArray[np.float32]
 # One item: an image as the backend takes it (uint8 HWC pixels, or float CHW).
@@ -38,6 +37,25 @@ RunBatch = Callable[[ItemArray], Outputs]
 BatchObserver = Callable[[list[str], float], None]
 
 log = structlog.get_logger(__name__)
+
+
+class BatchWorker(Protocol):
+    """One model session as a worker thread drives it (a backend, seen from the pipeline)."""
+
+    def input_buffer(self, n: int) -> ItemArray: ...
+
+    def infer(self, batch: ItemArray) -> Outputs: ...
+
+
+@runtime_checkable
+class WorkerPool(Protocol):
+    """Several sessions of one model (`backends.pool.BackendPool` has this shape): the
+    pipeline never imports the backends, it is handed what runs the model."""
+
+    @property
+    def workers(self) -> int: ...
+
+    def lease(self, index: int) -> AbstractContextManager[BatchWorker]: ...
 
 
 class QueueFullError(RuntimeError):
@@ -64,13 +82,13 @@ class DynamicBatcher:
     def __init__(
         self,
         name: str,
-        run_batch: RunBatch | BackendPool,
+        run_batch: RunBatch | WorkerPool,
         max_batch: int,
         window_ms: float,
         max_queue: int,
         observer: BatchObserver | None = None,
     ) -> None:
-        """`run_batch` is a function of a stacked batch, or a `BackendPool` (also given as its
+        """`run_batch` is a function of a stacked batch, or a `WorkerPool` (also given as its
         bound `infer`): then one worker thread drives each member, assembling each batch in
         that member's input buffer."""
         if max_batch < 1 or max_queue < 1:
@@ -81,12 +99,11 @@ class DynamicBatcher:
         # Settable while running: the watchdog widens the window when the device is hot.
         self.window_s = window_ms / 1000.0
         owner = getattr(run_batch, "__self__", run_batch)
-        self._pool: BackendPool | None = None
-        if isinstance(owner, BackendPool):
+        self._pool: WorkerPool | None = None
+        if isinstance(owner, WorkerPool):
             self._pool = owner
-            self._run_batch: RunBatch = owner.infer
-        elif not isinstance(run_batch, BackendPool):
-            self._run_batch = run_batch
+        elif not isinstance(run_batch, WorkerPool):
+            self._run_batch: RunBatch = run_batch
         self._observer = observer
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
