@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from appliance.api import state
@@ -87,10 +88,20 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"request body is larger than MAX_BODY_BYTES ({request.app[state.SETTINGS].max_body_bytes} bytes)"
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, code, message, headers)
+    except HttpProcessingError as exc:
+        # aiohttp's parser met a malformed body while the handler read it (bad chunked
+        # encoding, a Content-Length the body does not keep): the client's fault, a 400.
+        metrics.errors.labels("bad_request").inc()
+        return error_response(400, "bad_request", f"malformed HTTP body: {exc.message}")
     except Exception:
+        # The id is in the answer and in the log line with the traceback: a caller's report
+        # of a 500 finds its cause.
+        error_id = uuid.uuid4().hex[:12]
         metrics.errors.labels("internal_error").inc()
-        log.exception("unhandled_error", path=request.path)
-        return error_response(500, "internal_error", "internal error; see the appliance log")
+        log.exception("unhandled_error", path=request.path, error_id=error_id)
+        return error_response(
+            500, "internal_error", f"internal error (error id {error_id}); see the appliance log"
+        )
 
 
 @web.middleware

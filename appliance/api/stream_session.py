@@ -22,6 +22,7 @@ import numpy as np
 import structlog
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
+from appliance.api.admission import decode_admitted
 from appliance.api.face_wire import face_out
 from appliance.api.metrics import StreamMetrics
 from appliance.api.policy import LoadPolicy
@@ -300,9 +301,21 @@ class Stream:
     # ------------------------------------------------------------ inference
 
     async def worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        decoder = self.deps.decoder
-        executor = self.deps.executor
+        """Runs frames until the socket closes; never dies silently (docs/STREAMS.md)."""
+        try:
+            await self.work()
+        except asyncio.CancelledError:
+            raise
+        except Exception as exc:
+            # Backend errors, cv2.error, bugs: the client learns at once (1011) instead of
+            # waiting on an open socket that will never answer again.
+            log.exception("stream_worker_failed", stream_id=self.id, error=type(exc).__name__)
+            self.metrics.frames.labels("failed").inc()
+            self.request_close(
+                CLOSE_INTERNAL, f"internal error ({type(exc).__name__}); see the log"
+            )
+
+    async def work(self) -> None:
         while not self.ws.closed:
             await self.frame_ready.wait()
             self.frame_ready.clear()
@@ -320,21 +333,17 @@ class Stream:
                 continue
             start = self.last_start = time.perf_counter()
             try:
-                img = await loop.run_in_executor(executor, decoder.decode, frame.data)
+                result = await self.process(frame)
             except ImageError as exc:
                 self.bad_message(str(exc), frame.seq)
                 continue
-            try:
-                result = await self.analyze(img)
             except QueueFullError:
+                # A full batcher queue or pixel budget: this frame is dropped as busy.
                 self.counters.busy += 1
                 self.metrics.frames.labels("busy").inc()
                 continue
             except BatcherClosedError:
-                return
-            except Exception:
-                log.exception("stream_frame_failed", stream_id=self.id, seq=frame.seq)
-                self.request_close(CLOSE_INTERNAL, "internal error; see the appliance log")
+                self.request_close(CLOSE_SHUTDOWN, "server shutdown")
                 return
             done = time.perf_counter()
             latency = done - frame.received
@@ -344,11 +353,14 @@ class Stream:
             self.metrics.latency.observe(latency)
             self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
 
-    async def analyze(self, img: Any) -> ImageResult:
-        analyzer = self.deps.analyzer
-        if self.config.request.embed_only:
-            return await analyzer.embed_only(img, source="stream")
-        return await analyzer.analyze(img, self.config.options)
+    async def process(self, frame: Frame) -> ImageResult:
+        """Admission (probe, reserve pixels), decode, analyse; the pixels held until done."""
+        deps = self.deps
+        img, held = await decode_admitted(deps.decoder, deps.executor, frame.data)
+        with held:
+            if self.config.request.embed_only:
+                return await deps.analyzer.embed_only(img, source="stream")
+            return await deps.analyzer.analyze(img, self.config.options)
 
     def result_message(self, frame: Frame, result: ImageResult, took_ms: float) -> ResultMessage:
         request = self.config.request

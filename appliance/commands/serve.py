@@ -143,6 +143,9 @@ def run(args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             access_log=None,
+            # SIGTERM: the listener closes at once, streams get 1001 (on_shutdown), and
+            # requests in flight have SHUTDOWN_GRACE_S to finish before their sockets close.
+            shutdown_timeout=settings.shutdown_grace_s,
             print=lambda msg: print(msg, file=sys.stderr),
         )
     except StartupError as exc:
