@@ -141,8 +141,6 @@ class Stream:
         self.processed_at_last_stats = 0
         self.last_stats = time.perf_counter()
 
-    # ------------------------------------------------------------ limits and policy
-
     @property
     def max_fps(self) -> float:
         """The cap in force now: the client's max_fps scaled by the governor's factor."""
@@ -183,9 +181,16 @@ class Stream:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.task_done)
 
-    # ------------------------------------------------------------ outgoing messages
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        """A worker, writer or ticker that failed (backend, cv2.error, a bug) closes the stream
+        with 1011 at once: never a silent dead worker behind an open socket."""
+        self.tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("stream_task_failed", stream_id=self.id, error=repr(exc), exc_info=exc)
+        self.request_close(CLOSE_INTERNAL, f"internal error ({type(exc).__name__}); see the log")
 
     def enqueue(self, message: ServerMessage) -> None:
         """Queue a message for the writer; when full, the oldest result makes room."""
@@ -237,8 +242,6 @@ class Stream:
         while not self.ws.closed:
             await asyncio.sleep(self.settings.stream_stats_interval_s)
             self.enqueue(self.stats_message())
-
-    # ------------------------------------------------------------ incoming messages
 
     def on_text(self, text: str) -> None:
         s = self.settings
@@ -301,21 +304,6 @@ class Stream:
     # ------------------------------------------------------------ inference
 
     async def worker(self) -> None:
-        """Runs frames until the socket closes; never dies silently (docs/STREAMS.md)."""
-        try:
-            await self.work()
-        except asyncio.CancelledError:
-            raise
-        except Exception as exc:
-            # Backend errors, cv2.error, bugs: the client learns at once (1011) instead of
-            # waiting on an open socket that will never answer again.
-            log.exception("stream_worker_failed", stream_id=self.id, error=type(exc).__name__)
-            self.metrics.frames.labels("failed").inc()
-            self.request_close(
-                CLOSE_INTERNAL, f"internal error ({type(exc).__name__}); see the log"
-            )
-
-    async def work(self) -> None:
         while not self.ws.closed:
             await self.frame_ready.wait()
             self.frame_ready.clear()
@@ -354,8 +342,7 @@ class Stream:
             self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
 
     async def process(self, frame: Frame) -> ImageResult:
-        """Admission (probe, reserve pixels), decode, analyse; the pixels held until done."""
-        deps = self.deps
+        deps = self.deps  # admission (probe, reserve pixels), decode; pixels held until done
         img, held = await decode_admitted(deps.decoder, deps.executor, frame.data)
         with held:
             if self.config.request.embed_only:
