@@ -88,11 +88,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"request body is larger than MAX_BODY_BYTES ({request.app[state.SETTINGS].max_body_bytes} bytes)"
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, code, message, headers)
-    except HttpProcessingError as exc:
-        # aiohttp's parser met a malformed body while the handler read it (bad chunked
-        # encoding, a Content-Length the body does not keep): the client's fault, a 400.
+    except (web.RequestPayloadError, HttpProcessingError) as exc:
+        # aiohttp met a malformed body while the handler read it (a Content-Encoding that
+        # does not decode, gzip or deflate that is not): the client's fault, a 400.
         metrics.errors.labels("bad_request").inc()
-        return error_response(400, "bad_request", f"malformed HTTP body: {exc.message}")
+        detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc).strip()
+        return error_response(400, "bad_request", f"malformed HTTP body: {detail}")
     except Exception:
         # The id is in the answer and in the log line with the traceback: a caller's report
         # of a 500 finds its cause.
