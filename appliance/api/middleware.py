@@ -77,7 +77,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         metrics.errors.labels(exc.code).inc()
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        if exc.status in (408, 413):
+            # The rest of the body is not wanted: close rather than drain what a slow or
+            # oversized sender still has to send.
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
