@@ -342,3 +342,52 @@ async def test_stream_disconnect_mid_frame_leaves_the_server_serving(serve: Any)
         # The cut connections left the registry; only this stream is open.
         await eventually(lambda: len(client.app[state.STREAMS].streams) == 1)
     print(f"\nhostile mid-frame disconnects: {cuts} inputs, server still serving")
+
+
+@pytest.mark.parametrize(
+    ("case", "ctype", "make"),
+    [
+        ("no boundary", "multipart/form-data", lambda body: body),
+        ("wrong boundary", "multipart/form-data; boundary=other", lambda body: body),
+        ("no closing boundary", None, lambda body: body[: -len("--hostileboundary--\r\n")]),
+        (
+            "200 KB part header",
+            None,
+            lambda body: body.replace(
+                b"Content-Type: application/octet-stream",
+                b"X-Padding: " + b"a" * 200_000 + b"\r\nContent-Type: application/octet-stream",
+            ),
+        ),
+    ],
+)
+async def test_defect3_malformed_multipart_is_a_json_400(
+    client: TestClient[Any, Any], case: str, ctype: str | None, make: Callable[[bytes], bytes]
+) -> None:
+    body, good_type = multipart([FORMATS["jpeg"]])
+    resp = await client.post(
+        "/multipart/extract", data=make(body), headers={"Content-Type": ctype or good_type}
+    )
+    assert resp.status == 400, case
+    error = (await resp.json())["error"]
+    assert error["code"] == "invalid_multipart", (case, error)
+    assert error["message"].startswith("malformed multipart body: ")
+
+
+async def test_defect6_multipart_parts_together_are_bounded_by_max_body_bytes(
+    serve: Any,
+) -> None:
+    client = await serve(max_body_bytes=1_000_000)
+    part = FORMATS["png"][:200_000]
+    assert len(part) == 200_000
+    # Six parts of 200 KB: each under the limit, together over it.
+    body, ctype = multipart([part] * 6)
+    resp = await client.post("/multipart/extract", data=body, headers={"Content-Type": ctype})
+    assert resp.status == 413
+    error = (await resp.json())["error"]
+    assert error["code"] == "payload_too_large"
+    assert "all parts together" in error["message"]
+    # Four of them fit: parsed, and each answered on its own (cut PNGs: corrupt_image).
+    body, ctype = multipart([part] * 4)
+    resp = await client.post("/multipart/extract", data=body, headers={"Content-Type": ctype})
+    assert resp.status == 200
+    assert [d["code"] for d in (await resp.json())["data"]] == ["corrupt_image"] * 4
