@@ -154,16 +154,22 @@ async def test_defect2_pixels_are_held_per_request_and_past_the_budget_answer_50
 async def test_defect5_one_503_stops_the_rest_of_the_request(
     serve: Any, failing: FailingInfer
 ) -> None:
-    # Budget of one image, 24 images, 4 at a time: the second image's refusal answers 503
-    # and no image after the first few reaches the detector.
+    # A budget of two images, 24 images, 4 at a time: images 0 and 1 hold the budget, image 2
+    # is refused. The 503 cancels 0 and 1 mid-decode and 3.. before they start: when the
+    # answer arrives nothing of the request holds pixels or reaches the detector. (With
+    # gather, 0 and 1 would still be running, holding their pixels, and 3.. would follow.)
     client = await serve(
-        max_image_pixels=640 * 480, max_pixels_in_flight=640 * 480, request_image_concurrency=4
+        max_image_pixels=640 * 480, max_pixels_in_flight=2 * 640 * 480, request_image_concurrency=4
     )
+    budget = client.app[state.DECODER].budget
     resp = await client.post("/extract", json=body(*(jpeg(seed=i) for i in range(24))))
     assert resp.status == 503
-    # run_all has awaited every cancelled sibling before the answer: nothing runs on.
-    assert failing.calls <= 2
-    assert client.app[state.DECODER].budget.in_use == 0
+    assert (await resp.json())["error"]["code"] == "overloaded"
+    assert budget.in_use == 0 and budget.peak == 2 * 640 * 480
+    assert failing.calls == 0
+    # The server is not left busy: a request of two images (what the budget holds) succeeds.
+    resp = await client.post("/extract", json=body(jpeg(), jpeg(seed=1)))
+    assert resp.status == 200
 
 
 async def test_run_all_cancels_siblings_at_the_first_failure() -> None:
