@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 from appliance.api import state
 from appliance.api.wire import ExtractRequest, known_fields
 from tests.helpers import jpeg
-from tests.image_samples import bombs, encode, noise
+from tests.image_samples import bombs, cmyk_jpeg, encode, noise
 from tests.stream_fixtures import eventually
 
 OK_WS_CLOSES = {1000, 1001, 1008, 1009, 1013}  # docs/STREAMS.md; never 1011 from input
@@ -391,3 +391,28 @@ async def test_defect6_multipart_parts_together_are_bounded_by_max_body_bytes(
     resp = await client.post("/multipart/extract", data=body, headers={"Content-Type": ctype})
     assert resp.status == 200
     assert [d["code"] for d in (await resp.json())["data"]] == ["corrupt_image"] * 4
+
+
+async def test_odd_images_through_http_are_answered_per_image(
+    client: TestClient[Any, Any],
+) -> None:
+    import numpy as np
+
+    odd = {
+        "cmyk_jpeg": (cmyk_jpeg(), "ok"),
+        "png_16bit": (encode(".png", (noise(40, 60).astype(np.uint16) * 257)), "ok"),
+        "png_1x1": (encode(".png", noise(1, 1)), "ok"),
+        "grey_png": (encode(".png", noise(40, 60, channels=1)), "ok"),
+        "gif": (b"GIF89a" + b"\x01\x00\x01\x00" + b"\0" * 20, "unsupported_format"),
+        "tiff": (encode(".tiff", noise(40, 60)), "unsupported_format"),
+    }
+    tally = Tally("odd-images")
+    for name, (data, expected) in odd.items():
+        for encoding in ENCODINGS:
+            path, raw, ctype = ENCODINGS[encoding](as_json_body([data]))
+            resp = await client.post(path, data=raw, headers={"Content-Type": ctype})
+            tally.statuses[resp.status] += 1
+            assert resp.status == 200, name
+            entry = (await resp.json())["data"][0]
+            assert entry.get("code", entry["status"]) == expected, (name, entry)
+    tally.report()
