@@ -88,6 +88,13 @@ class Settings:
     # Hosts or CIDRs that URL inputs may reach even though they are private or loopback.
     url_allowlist: tuple[str, ...] = ()
     url_timeout_s: float = 10.0
+    # Images of one request decoded and analysed at once; the rest wait their turn, so one
+    # 64-image request neither floods the executor nor holds 64 decoded images.
+    request_image_concurrency: int = 4
+    # A request body must arrive within this long (a slowloris body gets 408, not a socket).
+    body_timeout_s: float = 30.0
+    # On SIGTERM: stop accepting, then give in-flight requests this long to finish.
+    shutdown_grace_s: float = 10.0
 
     # Live streams.
     max_frame_bytes: int = 4 * 1024 * 1024
@@ -170,6 +177,7 @@ _POSITIVE_INT = (
     "max_pixels_in_flight",
     "max_body_bytes",
     "max_images_per_request",
+    "request_image_concurrency",
     "max_frame_bytes",
     "max_streams",
     "stream_send_queue",
@@ -182,6 +190,8 @@ _POSITIVE_INT = (
 _POSITIVE_FLOAT = (
     "request_timeout_s",
     "url_timeout_s",
+    "shutdown_grace_s",
+    "body_timeout_s",
     "stream_max_fps",
     "stream_stats_interval_s",
     "stream_heartbeat_s",

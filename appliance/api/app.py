@@ -22,7 +22,7 @@ from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
 from appliance.api.watchdog_wiring import watchdog_ctx
 from appliance.config import Settings
-from appliance.models.loader import ModelLoadError, load_models
+from appliance.models.loader import LoadedModels, ModelLoadError, load_models
 from appliance.pipeline.batcher import DynamicBatcher
 from appliance.pipeline.faces import FaceAnalyzer
 from appliance.pipeline.images import ImageDecoder
@@ -37,13 +37,12 @@ async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
     executor.shutdown(wait=True, cancel_futures=True)
 
 
-async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+def start_batchers(
+    app: web.Application, loaded: LoadedModels
+) -> tuple[DynamicBatcher, DynamicBatcher]:
+    """Both batchers started and the analyzer on them, under app[ANALYZER]."""
     settings = app[state.SETTINGS]
     metrics = app[state.METRICS]
-    try:
-        loaded = await asyncio.to_thread(load_models, settings)
-    except ModelLoadError as exc:
-        raise StartupError(str(exc)) from None
     det, rec = loaded.detector, loaded.recognizer
 
     def observer(model: str) -> Callable[[list[str], float], None]:
@@ -67,14 +66,32 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     )
     metrics.queue_depth.labels("detector").set_function(lambda: det_batcher.depth)
     metrics.queue_depth.labels("recognizer").set_function(lambda: rec_batcher.depth)
-    det_batcher.start()
-    rec_batcher.start()
     app[state.ANALYZER] = FaceAnalyzer(
         det.slot(det_batcher),
         rec.slot(rec_batcher),
         app[state.EXECUTOR],
         nms_threshold=settings.nms_threshold,
     )
+    # Threads last: nothing above can then leave a worker running when it fails.
+    det_batcher.start()
+    rec_batcher.start()
+    return det_batcher, rec_batcher
+
+
+async def models_ctx(app: web.Application) -> AsyncIterator[None]:
+    settings = app[state.SETTINGS]
+    try:
+        loaded = await asyncio.to_thread(load_models, settings)
+    except ModelLoadError as exc:
+        raise StartupError(str(exc)) from None
+    det, rec = loaded.detector, loaded.recognizer
+    try:
+        det_batcher, rec_batcher = start_batchers(app, loaded)
+    except BaseException:
+        # Anything failing after the backends opened must not leave them (and their device
+        # memory) open: aiohttp runs a context's cleanup only once it has yielded.
+        loaded.close()
+        raise
     models = app[state.MODELS]
     models.backend = loaded.backend
     models.backend_reason = loaded.backend_reason
@@ -116,6 +133,9 @@ def create_app(settings: Settings) -> web.Application:
     app[state.DECODER] = ImageDecoder.create(
         settings.max_image_pixels, max_pixels_in_flight=settings.max_pixels_in_flight
     )
+    budget = app[state.DECODER].budget
+    app[state.METRICS].pixels_in_flight.set_function(lambda: budget.in_use)
+    app[state.METRICS].pixels_capacity.set(budget.capacity)
     app[state.MODELS] = state.ModelsState(backend="none", detector={}, recognizer={})
     app[state.INFO_PROVIDERS] = {}
     app[state.READINESS_CHECKS] = {}

@@ -36,6 +36,10 @@ class Unauthorized(ApiError):
     status, code = 401, "unauthorized"
 
 
+class RequestTimeout(ApiError):
+    status, code = 408, "body_timeout"
+
+
 class PayloadTooLarge(ApiError):
     status, code = 413, "payload_too_large"
 

@@ -67,6 +67,17 @@ class Metrics:
             registry=r,
         )
 
+        # Decoded pixels held now (MAX_PIXELS_IN_FLIGHT); refusals are counted in
+        # appliance_queue_rejections_total{model="decode"}.
+        self.pixels_in_flight = Gauge(
+            "appliance_pixels_in_flight",
+            "Decoded image pixels held by requests and streams",
+            registry=r,
+        )
+        self.pixels_capacity = Gauge(
+            "appliance_pixels_in_flight_limit", "MAX_PIXELS_IN_FLIGHT", registry=r
+        )
+
     def observe_batch(self, model: str, tags: list[str], seconds: float) -> None:
         self.batch_size.labels(model).observe(len(tags))
         self.batch_seconds.labels(model).observe(seconds)

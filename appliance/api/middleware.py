@@ -9,6 +9,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from aiohttp.typedefs import Handler
 
 from appliance.api import state
@@ -76,7 +77,12 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
         return await handler(request)
     except ApiError as exc:
         metrics.errors.labels(exc.code).inc()
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        response = error_response(exc.status, exc.code, exc.message, exc.headers)
+        if exc.status in (408, 413):
+            # The rest of the body is not wanted: close rather than drain what a slow or
+            # oversized sender still has to send.
+            response.force_close()
+        return response
     except web.HTTPException as exc:
         if exc.status < 400:
             raise
@@ -87,10 +93,21 @@ async def error_middleware(request: web.Request, handler: Handler) -> web.Stream
             message = f"request body is larger than MAX_BODY_BYTES ({request.app[state.SETTINGS].max_body_bytes} bytes)"
         headers = {k: v for k, v in exc.headers.items() if k in ("Allow", "Retry-After")}
         return error_response(exc.status, code, message, headers)
+    except (web.RequestPayloadError, HttpProcessingError) as exc:
+        # aiohttp met a malformed body while the handler read it (a Content-Encoding that
+        # does not decode, gzip or deflate that is not): the client's fault, a 400.
+        metrics.errors.labels("bad_request").inc()
+        detail = exc.message if isinstance(exc, HttpProcessingError) else str(exc).strip()
+        return error_response(400, "bad_request", f"malformed HTTP body: {detail}")
     except Exception:
+        # The id is in the answer and in the log line with the traceback: a caller's report
+        # of a 500 finds its cause.
+        error_id = uuid.uuid4().hex[:12]
         metrics.errors.labels("internal_error").inc()
-        log.exception("unhandled_error", path=request.path)
-        return error_response(500, "internal_error", "internal error; see the appliance log")
+        log.exception("unhandled_error", path=request.path, error_id=error_id)
+        return error_response(
+            500, "internal_error", f"internal error (error id {error_id}); see the appliance log"
+        )
 
 
 @web.middleware

@@ -37,6 +37,7 @@ REF = "#/components/schemas/{name}"
 ERROR_STATUSES = {
     "400": "invalid body or field (`invalid_json`, `invalid_field`, `no_images`...)",
     "401": "missing or wrong bearer token",
+    "408": "the body did not arrive within BODY_TIMEOUT_S",
     "413": "body over MAX_BODY_BYTES",
     "415": "wrong Content-Type",
     "503": "overloaded or inference paused (Retry-After)",
@@ -156,7 +157,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     "operationId": "multipart_draw_detections",
                     "summary": "/draw_detections with a file upload",
                     "requestBody": multipart,
-                    "responses": {"200": jpeg_ok, **errors},
+                    "responses": {"200": jpeg_ok, "422": errors["400"], **errors},
                 }
             },
             "/info": {
@@ -236,7 +237,11 @@ def build_spec(settings: Settings) -> dict[str, Any]:
                     + "; binary messages are JPEG/PNG frames. Server text messages: "
                     + ", ".join(t.__name__ for t in SERVER_TYPES)
                     + f" (schemas under components). Close codes: {ws_doc}.",
-                    "responses": {"101": {"description": "switching protocols"}},
+                    "responses": {
+                        "101": {"description": "switching protocols"},
+                        "400": errors["400"] | {"description": "not a WebSocket upgrade"},
+                        "401": errors["401"],
+                    },
                     "x-client-messages": [ref(t.__name__) for t in CLIENT_TYPES],
                     "x-server-messages": [ref(t.__name__) for t in SERVER_TYPES],
                 }

@@ -7,16 +7,25 @@ the interpreter's recursion limit surfaces as RecursionError and is answered the
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import binascii
 import dataclasses
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Iterable, Mapping
 from typing import Any, TypeVar
 
 import msgspec
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
-from appliance.api.errors import BadRequest, UnsupportedMediaType
+from appliance.api import state
+from appliance.api.admission import off_loop
+from appliance.api.errors import (
+    BadRequest,
+    PayloadTooLarge,
+    RequestTimeout,
+    UnsupportedMediaType,
+)
 from appliance.api.wire import (
     ExtractOptions,
     ExtractRequest,
@@ -35,6 +44,7 @@ FORM_BOOLEANS = {"yes": "true", "on": "true", "no": "false", "off": "false"}
 MULTIPART_FILE_FIELDS = frozenset({"images", "file", "files", "image"})
 
 T = TypeVar("T", bound=msgspec.Struct)
+T_co = TypeVar("T_co")
 
 _json_keys = msgspec.json.Decoder(dict[str, msgspec.Raw])
 _msgpack_keys = msgspec.msgpack.Decoder(dict[str, msgspec.Raw])
@@ -132,7 +142,15 @@ async def read_extract(request: web.Request, settings: Settings) -> ParsedExtrac
         raise UnsupportedMediaType(
             f"Content-Type {ctype!r} is not accepted; send application/json or application/msgpack"
         )
-    return parse_body(await request.read(), ctype in MSGPACK_TYPES, settings)
+    raw = await within_body_timeout(request.read(), settings)
+    # A large body parses in the executor. msgspec holds the GIL while it parses, so this
+    # bounds rather than removes the loop's stall (docs/RELIABILITY.md has the numbers); the
+    # base64 of each image is decoded later, one image at a time, in the same way.
+    return await off_loop(
+        request.app[state.EXECUTOR],
+        len(raw),
+        lambda: parse_body(raw, ctype in MSGPACK_TYPES, settings),
+    )
 
 
 def parse_body(raw: bytes, is_msgpack: bool, settings: Settings) -> ParsedExtract:
@@ -161,28 +179,69 @@ async def read_multipart(request: web.Request, settings: Settings) -> ParsedExtr
         raise UnsupportedMediaType(
             f"Content-Type {request.content_type!r} is not accepted; send multipart/form-data"
         )
-    files: list[str | bytes] = []
-    fields: dict[str, str] = {}
-    reader = await request.multipart()
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            raise BadRequest("nested multipart bodies are not accepted", code="invalid_body")
-        name = part.name or ""
-        data = await part.read()
-        if part.filename is not None or name in MULTIPART_FILE_FIELDS:
-            files.append(bytes(data))
-            if len(files) > settings.max_images_per_request:
-                raise BadRequest(
-                    f"more than {settings.max_images_per_request} files (MAX_IMAGES_PER_REQUEST)",
-                    code="too_many_images",
-                )
-        else:
-            fields[name] = bytes(data).decode("utf-8", errors="replace")
+    files, fields = await within_body_timeout(read_parts(request, settings), settings)
     if not files:
         raise BadRequest("no image files in the multipart body (field 'images')", code="no_images")
     known = known_fields(ExtractOptions)
     options = convert_form({k: v for k, v in fields.items() if k in known}, ExtractOptions)
     return resolve(options, files, [], fields, settings)
+
+
+async def within_body_timeout(read: Awaitable[T_co], settings: Settings) -> T_co:
+    """The body read, or 408 past BODY_TIMEOUT_S: a client that trickles its body (slowloris)
+    would otherwise hold its connection and the bytes so far for as long as it likes."""
+    try:
+        return await asyncio.wait_for(read, settings.body_timeout_s)
+    except asyncio.TimeoutError:
+        raise RequestTimeout(
+            f"the request body did not arrive within BODY_TIMEOUT_S ({settings.body_timeout_s} s)"
+        ) from None
+
+
+async def read_parts(
+    request: web.Request, settings: Settings
+) -> tuple[list[str | bytes], dict[str, str]]:
+    """Every part of a multipart body: files (in order) and text fields."""
+    files: list[str | bytes] = []
+    fields: dict[str, str] = {}
+    budget = settings.max_body_bytes
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                raise BadRequest("nested multipart bodies are not accepted", code="invalid_body")
+            name = part.name or ""
+            data = await read_part(part, budget)
+            budget -= len(data)
+            if part.filename is not None or name in MULTIPART_FILE_FIELDS:
+                files.append(data)
+                if len(files) > settings.max_images_per_request:
+                    raise BadRequest(
+                        f"more than {settings.max_images_per_request} files "
+                        "(MAX_IMAGES_PER_REQUEST)",
+                        code="too_many_images",
+                    )
+            else:
+                fields[name] = data.decode("utf-8", errors="replace")
+    except (ValueError, AssertionError, HttpProcessingError) as exc:
+        # aiohttp's multipart reader raises these on a missing or wrong boundary, a body that
+        # ends before its closing boundary, or a part header past its line limit.
+        raise BadRequest(f"malformed multipart body: {exc}", code="invalid_multipart") from None
+    return files, fields
+
+
+async def read_part(part: BodyPartReader, budget: int) -> bytes:
+    """A part's bytes; 413 once the parts together pass MAX_BODY_BYTES (each part alone is not
+    the bound: aiohttp's client_max_size does not apply to a streamed multipart body)."""
+    chunks: list[bytes] = []
+    while chunk := await part.read_chunk(64 * 1024):
+        budget -= len(chunk)
+        if budget < 0:
+            raise PayloadTooLarge(
+                "multipart body is larger than MAX_BODY_BYTES (all parts together)"
+            )
+        chunks.append(bytes(chunk))
+    return b"".join(chunks)
 
 
 def decode_base64(item: str | bytes) -> bytes:

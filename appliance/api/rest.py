@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Awaitable, Callable
 
 import cv2
 import numpy as np
 from aiohttp import web
 
 from appliance.api import state
+from appliance.api.admission import decode_admitted, off_loop, run_all
 from appliance.api.errors import (
     ApiError,
     GatewayTimeout,
@@ -26,6 +28,7 @@ from appliance.api.responses import respond
 from appliance.api.urls import fetch_image
 from appliance.api.wire import ExtractResponse, Took
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
+from appliance.pipeline.budget import Reservation
 from appliance.pipeline.faces import Face, ImageResult
 from appliance.pipeline.images import ImageArray, ImageError, encode_jpeg
 
@@ -46,58 +49,74 @@ def ensure_accepting(app: web.Application) -> None:
         )
 
 
-async def load_images(app: web.Application, req: ParsedExtract) -> list[bytes | ApiError]:
-    """Raw bytes per image in request order; a failure is that image's own error."""
+async def image_bytes(app: web.Application, req: ParsedExtract, index: int) -> bytes | ApiError:
+    """The raw bytes of image `index` (base64 items first, then URLs); a failure is its own."""
     settings = app[state.SETTINGS]
-
-    async def from_url(url: str) -> bytes | ApiError:
+    try:
+        if index < len(req.data):
+            item = req.data[index]
+            return await off_loop(app[state.EXECUTOR], len(item), lambda: decode_base64(item))
         if not settings.allow_url_inputs:
             return ApiError(
                 "URL inputs are disabled (ALLOW_URL_INPUTS=0)", code="urls_disabled", status=403
             )
-        try:
-            return await fetch_image(
-                app[state.URL_SESSION],
-                url,
-                settings.max_body_bytes,
-                settings.url_allowlist,
-                req.request.img_req_headers,
-            )
-        except ApiError as exc:
-            return exc
-
-    def from_b64(item: str | bytes) -> bytes | ApiError:
-        try:
-            return decode_base64(item)
-        except ApiError as exc:
-            return exc
-
-    out: list[bytes | ApiError] = [from_b64(item) for item in req.data]
-    out += await asyncio.gather(*(from_url(u) for u in req.urls))
-    return out
+        return await fetch_image(
+            app[state.URL_SESSION],
+            req.urls[index - len(req.data)],
+            settings.max_body_bytes,
+            settings.url_allowlist,
+            req.request.img_req_headers,
+        )
+    except ApiError as exc:
+        return exc
 
 
-async def analyze_one(app: web.Application, raw: bytes | ApiError, req: ParsedExtract) -> Outcome:
+async def analyze_one(
+    app: web.Application, req: ParsedExtract, index: int, held: list[Reservation] | None
+) -> Outcome:
+    """One image: bytes -> admission (probe, reserve) -> decode -> detect/embed.
+
+    Its pixels are released as soon as its analysis is done, unless `held` is given (the
+    caller still needs the image: /draw_detections); then the caller releases them.
+    """
+    raw = await image_bytes(app, req, index)
     if isinstance(raw, ApiError):
         return None, raw
-    loop = asyncio.get_running_loop()
     try:
-        img = await loop.run_in_executor(app[state.EXECUTOR], app[state.DECODER].decode, raw)
+        img, reservation = await decode_admitted(app[state.DECODER], app[state.EXECUTOR], raw)
     except ImageError as exc:
         return None, exc
-    analyzer = app[state.ANALYZER]
-    if req.request.embed_only:
-        return img, await analyzer.embed_only(img)
-    return img, await analyzer.analyze(img, req.options())
+    del raw
+    try:
+        analyzer = app[state.ANALYZER]
+        if req.request.embed_only:
+            result = await analyzer.embed_only(img)
+        else:
+            result = await analyzer.analyze(img, req.options())
+    except BaseException:
+        reservation.release()
+        raise
+    if held is None:
+        reservation.release()
+        return None, result
+    held.append(reservation)
+    return img, result
 
 
-async def run_analysis(app: web.Application, req: ParsedExtract) -> list[Outcome]:
+async def run_analysis(
+    app: web.Application, req: ParsedExtract, held: list[Reservation] | None = None
+) -> list[Outcome]:
+    """Every image of the request, REQUEST_IMAGE_CONCURRENCY at a time; one 503 stops them all."""
     ensure_accepting(app)
     settings = app[state.SETTINGS]
-    raws = await load_images(app, req)
+
+    def job(index: int) -> Callable[[], Awaitable[Outcome]]:
+        # Only /draw_detections' first image is kept decoded past its analysis.
+        return lambda: analyze_one(app, req, index, held if index == 0 else None)
+
     try:
         return await asyncio.wait_for(
-            asyncio.gather(*(analyze_one(app, raw, req) for raw in raws)),
+            run_all([job(i) for i in range(req.count)], settings.request_image_concurrency),
             settings.request_timeout_s,
         )
     except QueueFullError as exc:
@@ -160,14 +179,19 @@ async def extract_response(request: web.Request, req: ParsedExtract) -> web.Resp
 
 
 async def draw_response(request: web.Request, req: ParsedExtract) -> web.Response:
-    results = await run_analysis(request.app, req)
-    img, result = results[0]
-    if isinstance(result, (ApiError, ImageError)) or img is None:
-        message = result.message if isinstance(result, ApiError) else str(result)
-        raise Unprocessable(f"the first image cannot be used: {message}")
-    jpeg = await asyncio.get_running_loop().run_in_executor(
-        request.app[state.EXECUTOR], lambda: encode_jpeg(draw(img, result.faces))
-    )
+    held: list[Reservation] = []
+    try:
+        results = await run_analysis(request.app, req, held)
+        img, result = results[0]
+        if isinstance(result, (ApiError, ImageError)) or img is None:
+            message = result.message if isinstance(result, ApiError) else str(result)
+            raise Unprocessable(f"the first image cannot be used: {message}")
+        jpeg = await asyncio.get_running_loop().run_in_executor(
+            request.app[state.EXECUTOR], lambda: encode_jpeg(draw(img, result.faces))
+        )
+    finally:
+        for reservation in held:
+            reservation.release()
     return web.Response(body=jpeg, content_type="image/jpeg")
 
 

@@ -22,6 +22,7 @@ import numpy as np
 import structlog
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
+from appliance.api.admission import decode_admitted
 from appliance.api.face_wire import face_out
 from appliance.api.metrics import StreamMetrics
 from appliance.api.policy import LoadPolicy
@@ -140,8 +141,6 @@ class Stream:
         self.processed_at_last_stats = 0
         self.last_stats = time.perf_counter()
 
-    # ------------------------------------------------------------ limits and policy
-
     @property
     def max_fps(self) -> float:
         """The cap in force now: the client's max_fps scaled by the governor's factor."""
@@ -182,9 +181,16 @@ class Stream:
     def spawn(self, coro: Coroutine[Any, Any, None]) -> None:
         task = asyncio.ensure_future(coro)
         self.tasks.add(task)
-        task.add_done_callback(self.tasks.discard)
+        task.add_done_callback(self.task_done)
 
-    # ------------------------------------------------------------ outgoing messages
+    def task_done(self, task: asyncio.Task[Any]) -> None:
+        """A worker, writer or ticker that failed (backend, cv2.error, a bug) closes the stream
+        with 1011 at once: never a silent dead worker behind an open socket."""
+        self.tasks.discard(task)
+        if task.cancelled() or (exc := task.exception()) is None:
+            return
+        log.error("stream_task_failed", stream_id=self.id, error=repr(exc), exc_info=exc)
+        self.request_close(CLOSE_INTERNAL, f"internal error ({type(exc).__name__}); see the log")
 
     def enqueue(self, message: ServerMessage) -> None:
         """Queue a message for the writer; when full, the oldest result makes room."""
@@ -236,8 +242,6 @@ class Stream:
         while not self.ws.closed:
             await asyncio.sleep(self.settings.stream_stats_interval_s)
             self.enqueue(self.stats_message())
-
-    # ------------------------------------------------------------ incoming messages
 
     def on_text(self, text: str) -> None:
         s = self.settings
@@ -300,9 +304,6 @@ class Stream:
     # ------------------------------------------------------------ inference
 
     async def worker(self) -> None:
-        loop = asyncio.get_running_loop()
-        decoder = self.deps.decoder
-        executor = self.deps.executor
         while not self.ws.closed:
             await self.frame_ready.wait()
             self.frame_ready.clear()
@@ -320,21 +321,17 @@ class Stream:
                 continue
             start = self.last_start = time.perf_counter()
             try:
-                img = await loop.run_in_executor(executor, decoder.decode, frame.data)
+                result = await self.process(frame)
             except ImageError as exc:
                 self.bad_message(str(exc), frame.seq)
                 continue
-            try:
-                result = await self.analyze(img)
             except QueueFullError:
+                # A full batcher queue or pixel budget: this frame is dropped as busy.
                 self.counters.busy += 1
                 self.metrics.frames.labels("busy").inc()
                 continue
             except BatcherClosedError:
-                return
-            except Exception:
-                log.exception("stream_frame_failed", stream_id=self.id, seq=frame.seq)
-                self.request_close(CLOSE_INTERNAL, "internal error; see the appliance log")
+                self.request_close(CLOSE_SHUTDOWN, "server shutdown")
                 return
             done = time.perf_counter()
             latency = done - frame.received
@@ -344,11 +341,13 @@ class Stream:
             self.metrics.latency.observe(latency)
             self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
 
-    async def analyze(self, img: Any) -> ImageResult:
-        analyzer = self.deps.analyzer
-        if self.config.request.embed_only:
-            return await analyzer.embed_only(img, source="stream")
-        return await analyzer.analyze(img, self.config.options)
+    async def process(self, frame: Frame) -> ImageResult:
+        deps = self.deps  # admission (probe, reserve pixels), decode; pixels held until done
+        img, held = await decode_admitted(deps.decoder, deps.executor, frame.data)
+        with held:
+            if self.config.request.embed_only:
+                return await deps.analyzer.embed_only(img, source="stream")
+            return await deps.analyzer.analyze(img, self.config.options)
 
     def result_message(self, frame: Frame, result: ImageResult, took_ms: float) -> ResultMessage:
         request = self.config.request

@@ -143,6 +143,13 @@ def run(args: argparse.Namespace) -> int:
             host=settings.host,
             port=settings.port,
             access_log=None,
+            # SIGTERM: the listener closes at once, streams get 1001 (on_shutdown), and
+            # requests in flight have SHUTDOWN_GRACE_S to finish before their sockets close.
+            shutdown_timeout=settings.shutdown_grace_s,
+            # After an early answer (408, 413) aiohttp reads and discards the rest of the body
+            # for `lingering_time` (10 s by default): 2 s still lets an honest uploader read
+            # the answer, and a slow sender's socket is closed sooner.
+            handler_args={"lingering_time": 2.0},
             print=lambda msg: print(msg, file=sys.stderr),
         )
     except StartupError as exc:
