@@ -76,6 +76,7 @@ SAMPLES: dict[str, Any] = {
     "max_size": [320, 320],
     "subpixel": True,
     "api_ver": "2",
+    "identify": True,
 }
 
 

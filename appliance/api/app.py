@@ -15,7 +15,15 @@ from concurrent.futures import ThreadPoolExecutor
 import structlog
 from aiohttp import web
 
-from appliance.api import live_view, middleware, openapi, rest, service_routes, state
+from appliance.api import (
+    gallery_routes,
+    live_view,
+    middleware,
+    openapi,
+    rest,
+    service_routes,
+    state,
+)
 from appliance.api.errors import StartupError
 from appliance.api.metrics import Metrics
 from appliance.api.policy import PolicyBoard
@@ -125,4 +133,5 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(service_routes.routes)
     openapi.setup_docs(app)
     live_view.setup_streams(app)
+    gallery_routes.setup_gallery(app)
     return app

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -11,6 +12,7 @@ import structlog
 from aiohttp import WSCloseCode, web
 
 from appliance.api import state
+from appliance.api.identify import live_factory
 from appliance.api.metrics import StreamMetrics
 from appliance.api.stream_session import (
     CLOSE_SHUTDOWN,
@@ -42,7 +44,12 @@ async def stream_handler(request: web.Request) -> web.WebSocketResponse:
         return ws
     stream_id = f"s{next(registry.ids)}"
     deps = StreamDeps(
-        settings, metrics, app[state.DECODER], app[state.EXECUTOR], app[state.ANALYZER]
+        settings,
+        metrics,
+        app[state.DECODER],
+        app[state.EXECUTOR],
+        app[state.ANALYZER],
+        functools.partial(live_factory, app[state.GALLERY], app[state.ANALYZER], settings),
     )
     stream = Stream(deps, ws, stream_id, app[state.POLICY].current)
     registry.streams[stream_id] = stream

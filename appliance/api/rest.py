@@ -21,6 +21,7 @@ from appliance.api.errors import (
     Unprocessable,
 )
 from appliance.api.face_wire import DEMO_WARNING, image_entry, unavailable_warnings
+from appliance.api.identify import SearchParams, apply_identities, identify_results
 from appliance.api.request_body import ParsedExtract, decode_base64, read_extract, read_multipart
 from appliance.api.responses import respond
 from appliance.api.urls import fetch_image
@@ -136,9 +137,17 @@ def draw(img: ImageArray, faces: list[Face]) -> ImageArray:
     return canvas
 
 
-async def extract_response(request: web.Request, req: ParsedExtract) -> web.Response:
+async def extract_response(
+    request: web.Request, req: ParsedExtract, search: SearchParams | None = None
+) -> web.Response:
     start = time.perf_counter()
     results = await run_analysis(request.app, req)
+    if search is None and req.request.identify:
+        search = SearchParams()
+    identities = None
+    if search is not None:  # /gallery/search, or /extract with "identify": true
+        outcomes = [result for _, result in results]
+        identities = await identify_results(request.app[state.GALLERY], outcomes, search)
     metrics = request.app[state.METRICS]
     warnings = [*req.warnings, *unavailable_warnings(req.request)]
     demo = request.app[state.MODELS].demo
@@ -148,6 +157,8 @@ async def extract_response(request: web.Request, req: ParsedExtract) -> web.Resp
 
     def build() -> ExtractResponse:
         entries = [image_entry(result, req.request, metrics) for _, result in results]
+        if identities is not None:
+            apply_identities(entries, identities)
         payload = ExtractResponse(took=Took(total_ms=total_ms), data=entries)
         if demo:
             payload.demo = True
