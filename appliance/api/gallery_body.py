@@ -13,6 +13,7 @@ from aiohttp import web
 
 from appliance.api import state
 from appliance.api.errors import ApiError, BadRequest, UnsupportedMediaType
+from appliance.api.identify import with_embeddings
 from appliance.api.request_body import (
     JSON_TYPES,
     MSGPACK_TYPES,
@@ -83,6 +84,7 @@ Largest = NewFace | ApiError | ImageError
 async def largest_faces(app: web.Application, parsed: ParsedExtract) -> list[Largest]:
     """Per image: its largest face as a NewFace, or why there is none (its own error)."""
     keep = app[state.SETTINGS].gallery_keep_crops
+    parsed = with_embeddings(parsed)
     if keep and not parsed.request.return_face_data:
         request = msgspec.structs.replace(parsed.request, return_face_data=True)
         parsed = dataclasses.replace(parsed, request=request)

@@ -11,8 +11,11 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Sequence
 
+import msgspec
+
 from appliance.api.face_wire import coordinates
 from appliance.api.gallery_service import GalleryService
+from appliance.api.request_body import ParsedExtract
 from appliance.api.wire import FaceOut, ImageFailed, ImageOk, MatchOut
 from appliance.config import Settings
 from appliance.gallery import Identification
@@ -62,11 +65,22 @@ def match_out(answer: Identification) -> list[MatchOut]:
     return [MatchOut(m.subject, round(m.similarity, 6), m.face_id) for m in answer.matches]
 
 
-def apply_identities(entries: Sequence[ImageOk | ImageFailed], identities: Identities) -> None:
+def with_embeddings(req: ParsedExtract) -> ParsedExtract:
+    if req.request.extract_embedding:
+        return req
+    request = msgspec.structs.replace(req.request, extract_embedding=True)
+    return dataclasses.replace(req, request=request)
+
+
+def apply_identities(
+    entries: Sequence[ImageOk | ImageFailed], identities: Identities, show_vec: bool
+) -> None:
     for entry, answers in zip(entries, identities, strict=True):
         if not isinstance(entry, ImageOk):
             continue
         for face, answer in zip(entry.faces, answers, strict=True):
+            if not show_vec:  # computed for the search only
+                face.vec = face.norm = None
             face.identity = answer.identity if answer is not None else None
             face.matches = match_out(answer) if answer is not None else []
 

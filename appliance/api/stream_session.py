@@ -14,9 +14,9 @@ import dataclasses
 import itertools
 import time
 from collections import deque
-from collections.abc import Callable, Coroutine
+from collections.abc import Coroutine
 from concurrent.futures import Executor
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 import structlog
@@ -40,7 +40,6 @@ from appliance.api.stream_protocol import (
     encode,
     parse_config,
 )
-from appliance.api.wire import FaceOut
 from appliance.config import Settings
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
 from appliance.pipeline.faces import FaceAnalyzer, ImageResult
@@ -58,12 +57,6 @@ CLOSE_TRY_AGAIN = WSCloseCode.TRY_AGAIN_LATER  # 1013
 CLOSE_INTERNAL = WSCloseCode.INTERNAL_ERROR  # 1011
 
 
-class LiveFaces(Protocol):
-    """Identification on a stream (`api/identify.py`): faces with track ids and names."""
-
-    async def faces(self, img: Any, subpixel: bool) -> list[FaceOut]: ...
-
-
 @dataclasses.dataclass(frozen=True)
 class StreamDeps:
     """What a stream uses of the app; shared by every stream of it."""
@@ -73,8 +66,6 @@ class StreamDeps:
     decoder: ImageDecoder
     executor: Executor
     analyzer: FaceAnalyzer
-    # A new stream identifier at this detection threshold; None without a gallery.
-    identify: Callable[[float], LiveFaces | None] | None = None
 
 
 class StreamRegistry:
@@ -148,7 +139,6 @@ class Stream:
         self.tasks: set[asyncio.Task[Any]] = set()
         self.processed_at_last_stats = 0
         self.last_stats = time.perf_counter()
-        self.live: LiveFaces | None = None
 
     # ------------------------------------------------------------ limits and policy
 
@@ -266,9 +256,6 @@ class Stream:
 
     def on_config(self, config: StreamConfig) -> None:
         self.config = config
-        make = self.deps.identify
-        # A new config starts new tracks (its threshold may differ).
-        self.live = make(config.options.threshold) if make and config.request.identify else None
         reply = ConfigAck(max_fps=self.max_fps)
         if config.warnings:
             reply.warnings = list(config.warnings)
@@ -357,30 +344,22 @@ class Stream:
             self.metrics.latency.observe(latency)
             self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
 
-    async def analyze(self, img: Any) -> ImageResult | list[FaceOut]:
-        if self.live is not None:
-            return await self.live.faces(img, self.config.request.subpixel)
+    async def analyze(self, img: Any) -> ImageResult:
         analyzer = self.deps.analyzer
         if self.config.request.embed_only:
             return await analyzer.embed_only(img, source="stream")
         return await analyzer.analyze(img, self.config.options)
 
-    def result_message(
-        self, frame: Frame, result: ImageResult | list[FaceOut], took_ms: float
-    ) -> ResultMessage:
+    def result_message(self, frame: Frame, result: ImageResult, took_ms: float) -> ResultMessage:
         request = self.config.request
         message = ResultMessage(
             seq=frame.seq,
             ts=frame.ts,
             took_ms=round(took_ms, 3),
             latency_ms=round((time.perf_counter() - frame.received) * 1e3, 3),
-            faces=(
-                result
-                if isinstance(result, list)
-                else [face_out(face, i, request) for i, face in enumerate(result.faces)]
-            ),
+            faces=[face_out(face, i, request) for i, face in enumerate(result.faces)],
         )
-        if request.verbose_timings and isinstance(result, ImageResult):
+        if request.verbose_timings:
             message.took = {k: round(v, 3) for k, v in result.timings_ms.items()}
         return message
 
