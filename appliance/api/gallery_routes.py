@@ -91,7 +91,7 @@ async def create_subject(request: web.Request) -> web.Response:
     created = await service(request).write(
         lambda g: g.create_subject(body.subject, body.metadata, body.external_id)
     )
-    log.info("gallery_subject_created", faces=0)
+    log.info("gallery_subject_created")
     return await reply(request, subject_out(created), 201)
 
 

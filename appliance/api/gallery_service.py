@@ -5,7 +5,7 @@ Every `Gallery` method may block (fsync, a lock, a matrix product over the whole
 each call goes to the app's executor. A gallery that cannot be opened (an unwritable
 `GALLERY_DB`, a database of another recognizer) does not stop detection and embeddings from
 being served: the `/gallery/*` routes answer 503 `gallery_unavailable` with the reason, and
-`/health/ready` reports it.
+`/info` reports it under `gallery`.
 """
 
 from __future__ import annotations
