@@ -64,6 +64,14 @@ def decode(raw: bytes, packed: bool, kind: type[S]) -> tuple[S, list[str]]:
     return value, keys
 
 
+def top_keys(raw: bytes, packed: bool) -> frozenset[str]:
+    """The body's top-level keys, or none when it is malformed (`decode` then says why)."""
+    try:
+        return frozenset((_msgpack_keys if packed else _json_keys).decode(raw))
+    except (msgspec.DecodeError, UnicodeDecodeError, RecursionError):
+        return frozenset()
+
+
 async def read_typed(request: web.Request, kind: type[S]) -> S:
     packed = is_msgpack(request)
     value, _ = decode(await request.read(), packed, kind)

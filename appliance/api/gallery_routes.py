@@ -24,6 +24,7 @@ from appliance.api.gallery_body import (
     largest_faces,
     parse_images,
     read_typed,
+    top_keys,
 )
 from appliance.api.gallery_service import GalleryMetrics, GalleryService
 from appliance.api.gallery_wire import (
@@ -154,8 +155,7 @@ async def enrol_images(request: web.Request) -> tuple[list[NewFace | None], list
     else:
         packed = is_msgpack(request)
         raw = await request.read()
-        keys_probe, _ = decode(raw, packed, _KeysOnly)
-        if keys_probe.embeddings is not None:
+        if "embeddings" in top_keys(raw, packed):
             body, _ = decode(raw, packed, EnrolEmbeddings)
             return [NewFace(_vector(v)) for v in body.embeddings], []
         value, keys = decode(raw, packed, ExtractRequest)
@@ -171,13 +171,6 @@ async def enrol_images(request: web.Request) -> tuple[list[NewFace | None], list
             code, message = error_of(item)
             entries.append(EnrolFailed(message, code))
     return faces, entries
-
-
-class _KeysOnly(ExtractOptions, kw_only=True):
-    """Just enough of the body to tell an embeddings enrolment from an images one."""
-
-    embeddings: Any = None
-    images: Any = None
 
 
 def _vector(values: list[float]) -> Any:
