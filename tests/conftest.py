@@ -54,7 +54,7 @@ def calm_sysfs(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 
 @pytest.fixture
-def make_settings(models_dir: Path, calm_sysfs: Path) -> Callable[..., Settings]:
+def make_settings(models_dir: Path, calm_sysfs: Path, tmp_path: Path) -> Callable[..., Settings]:
     def make(**overrides: Any) -> Settings:
         values: dict[str, Any] = {
             "models_dir": models_dir,
@@ -67,6 +67,8 @@ def make_settings(models_dir: Path, calm_sysfs: Path) -> Callable[..., Settings]
             # Never the CI host's real /sys and /proc/meminfo (issue 12 defect 8).
             "telemetry_source": "sysfs",
             "sysfs_root": calm_sysfs,
+            # Never the host's /var/lib/appliance: each test gets its own gallery.
+            "gallery_db": tmp_path / "gallery.db",
         }
         values.update(overrides)
         return load_settings(env={}, **values)

@@ -76,6 +76,7 @@ SAMPLES: dict[str, Any] = {
     "max_size": [320, 320],
     "subpixel": True,
     "api_ver": "2",
+    "identify": True,
 }
 
 
@@ -138,6 +139,14 @@ def readme_requests() -> list[tuple[str, list[str]]]:
     return found
 
 
+def template(spec: dict[str, Any], path: str) -> str:
+    """The documented path template (`/gallery/subjects/{subject}`) a concrete path matches."""
+    for documented in spec["paths"]:
+        if re.fullmatch(re.sub(r"\{[^}]+\}", "[^/]+", documented), path):
+            return str(documented)
+    raise AssertionError(f"{path} is not documented")
+
+
 def test_readme_has_request_examples() -> None:
     paths = [p for p, _ in readme_requests()]
     assert {"/extract", "/draw_detections", "/multipart/extract", "/info"} <= set(paths)
@@ -148,10 +157,13 @@ async def test_every_readme_example_answers_in_the_documented_shape(serve: Any) 
     spec = await (await client.get("/openapi.json")).json()
     files = {"face.jpg": FACE_JPEG, "group.png": png(1280, 960)}
     image = b64(FACE_JPEG)
+    covered: set[tuple[str, str]] = set()
     for path, args in readme_requests():
         headers: dict[str, str] = {}
         data: Any = None
         form: FormData | None = None
+        method: str | None = None
+        save_as: str | None = None
         it = iter(args[1:])
         for arg in it:
             if arg == "-H":
@@ -159,6 +171,12 @@ async def test_every_readme_example_answers_in_the_documented_shape(serve: Any) 
                 headers[key] = value
             elif arg == "-d":
                 data = next(it).replace("IMGPLACEHOLDER", image)
+            elif arg == "--data-binary":
+                data = files[next(it).removeprefix("@")]
+            elif arg == "-X":
+                method = next(it)
+            elif arg == "-o":
+                save_as = next(it)
             elif arg == "-F":
                 form = form or FormData()
                 name, _, value = next(it).partition("=")
@@ -167,19 +185,29 @@ async def test_every_readme_example_answers_in_the_documented_shape(serve: Any) 
                     form.add_field(name, files[filename], filename=filename)
                 else:
                     form.add_field(name, value)
-        if data is None and form is None:
-            resp = await client.get(path)
-        else:
-            resp = await client.post(path, data=form if form is not None else data, headers=headers)
-        assert resp.status == 200, (path, await resp.text())
-        operation = spec["paths"][path]["post" if resp.method == "POST" else "get"]
-        content = operation["responses"]["200"]["content"]
+        body = form if form is not None else data
+        method = method or ("GET" if body is None else "POST")
+        resp = await client.request(method, path, data=body, headers=headers)
+        assert 200 <= resp.status < 300, (path, await resp.text())
+        documented = template(spec, path.split("?")[0])
+        covered.add((documented, method.lower()))
+        operation = spec["paths"][documented][method.lower()]
+        content = operation["responses"][str(resp.status)]["content"]
         assert resp.content_type in content, (path, resp.content_type)
         schema = content[resp.content_type].get("schema", {})
         if "$ref" in schema:
             assert_matches(spec, schema["$ref"].rsplit("/", 1)[1], await resp.json())
         if resp.content_type == "image/jpeg":
             assert (await resp.read()).startswith(b"\xff\xd8")
+        if save_as is not None:
+            files[save_as] = await resp.read()
+    gallery_ops = {
+        (path, method)
+        for path, ops in spec["paths"].items()
+        for method in ops
+        if path.startswith("/gallery/")
+    }
+    assert gallery_ops - covered == set(), "gallery operations without a README example"
 
 
 # InsightFace-REST's documented /extract bodies: its README's example and Python sample

@@ -26,6 +26,7 @@ import pytest
 from appliance.api import state
 from appliance.api.policy import LoadPolicy
 from tests.conftest import PLANTED
+from tests.helpers import jpeg
 
 pytestmark = [pytest.mark.browser, pytest.mark.slow]
 
@@ -239,6 +240,34 @@ async def test_live_view_streams_the_webcam_and_draws_the_planted_faces(
     await browser.wait_for("window.liveView.closeCode === 1013")
     message = await browser.evaluate("document.getElementById('message').textContent")
     assert "critical" in message
+
+
+async def test_live_view_shows_names_over_faces_when_identify_is_on(
+    serve: Any, browser: DevTools
+) -> None:
+    # Any threshold passes: the one enrolled subject names every face, so the test shows the
+    # page draws what the stream answers (tests/test_gallery_api.py checks who is who).
+    server = await serve(identify_threshold=-1.0)
+    resp = await server.post("/gallery/subjects", json={"subject": "ada"})
+    assert resp.status == 201
+    image = base64.b64encode(jpeg(640, 480)).decode()
+    resp = await server.post("/gallery/subjects/ada/faces", json={"images": {"data": [image]}})
+    assert resp.status == 201
+    base = f"http://{server.server.host}:{server.server.port}"
+    await browser.call("Page.navigate", url=f"{base}/?fps=10&identify=1&autostart=1")
+    labels = json.loads(
+        await browser.wait_for(
+            "window.liveView && window.liveView.results >= 3"
+            " && window.liveView.labels.length === 3 && JSON.stringify(window.liveView.labels)"
+        )
+    )
+    faces = json.loads(await browser.evaluate("JSON.stringify(window.liveView.lastResult.faces)"))
+    assert {f["identity"] for f in faces} == {"ada"}
+    assert sorted(labels) == sorted(f"ada #{f['track_id']}" for f in faces)
+    assert len({f["track_id"] for f in faces}) == 3
+    shot = await browser.call("Page.captureScreenshot", format="png")
+    ARTIFACTS.mkdir(exist_ok=True)
+    (ARTIFACTS / "live_view_identify.png").write_bytes(base64.b64decode(shot["data"]))
 
 
 async def test_live_view_reports_a_wrong_token(serve: Any, browser: DevTools) -> None:

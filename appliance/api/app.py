@@ -17,6 +17,7 @@ from aiohttp import web
 
 from appliance.api import live_view, middleware, openapi, rest, service_routes, state
 from appliance.api.errors import StartupError
+from appliance.api.gallery_routes import setup_gallery
 from appliance.api.metrics import Metrics
 from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
@@ -145,4 +146,5 @@ def create_app(settings: Settings) -> web.Application:
     app.add_routes(service_routes.routes)
     openapi.setup_docs(app)
     live_view.setup_streams(app)
+    setup_gallery(app)  # after the models: the gallery is bound to the recognizer
     return app

@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
@@ -11,11 +12,12 @@ import structlog
 from aiohttp import WSCloseCode, web
 
 from appliance.api import state
+from appliance.api.identify import live_factory
+from appliance.api.identify_stream import IdentifyingStream
 from appliance.api.metrics import StreamMetrics
 from appliance.api.stream_session import (
     CLOSE_SHUTDOWN,
     CLOSE_TRY_AGAIN,
-    Stream,
     StreamDeps,
     StreamRegistry,
 )
@@ -44,7 +46,8 @@ async def stream_handler(request: web.Request) -> web.WebSocketResponse:
     deps = StreamDeps(
         settings, metrics, app[state.DECODER], app[state.EXECUTOR], app[state.ANALYZER]
     )
-    stream = Stream(deps, ws, stream_id, app[state.POLICY].current)
+    live = functools.partial(live_factory, app[state.GALLERY], app[state.ANALYZER], settings)
+    stream = IdentifyingStream(deps, ws, stream_id, app[state.POLICY].current, live)
     registry.streams[stream_id] = stream
     metrics.active.inc()
     structlog.contextvars.bind_contextvars(stream_id=stream_id)

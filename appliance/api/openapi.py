@@ -21,7 +21,7 @@ import numpy as np
 from aiohttp import web
 
 from appliance import __version__
-from appliance.api import state
+from appliance.api import gallery_openapi, state
 from appliance.api.stream_protocol import CLIENT_TYPES, CLOSE_CODES, SERVER_TYPES
 from appliance.api.wire import (
     REQUEST_TYPES,
@@ -65,7 +65,7 @@ def ref(name: str) -> dict[str, str]:
 
 
 def component_schemas(settings: Settings) -> dict[str, Any]:
-    types = (*REQUEST_TYPES, *RESPONSE_TYPES, *CLIENT_TYPES, *SERVER_TYPES)
+    types = (*REQUEST_TYPES, *RESPONSE_TYPES, *CLIENT_TYPES, *SERVER_TYPES, *gallery_openapi.TYPES)
     _, components = msgspec.json.schema_components(types, schema_hook=schema_hook, ref_template=REF)
     # The defaults that come from the settings rather than the type.
     for name in ("ExtractRequest", "ConfigMessage"):
@@ -249,6 +249,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         },
         "components": {"schemas": components},
     }
+    spec["paths"].update(gallery_openapi.gallery_paths())
     if settings.api_token is not None:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]

@@ -23,6 +23,12 @@ from appliance.api.errors import (
     Unprocessable,
 )
 from appliance.api.face_wire import DEMO_WARNING, image_entry, unavailable_warnings
+from appliance.api.identify import (
+    SearchParams,
+    apply_identities,
+    identify_results,
+    with_embeddings,
+)
 from appliance.api.request_body import ParsedExtract, decode_base64, read_extract, read_multipart
 from appliance.api.responses import respond
 from appliance.api.urls import fetch_image
@@ -155,9 +161,20 @@ def draw(img: ImageArray, faces: list[Face]) -> ImageArray:
     return canvas
 
 
-async def extract_response(request: web.Request, req: ParsedExtract) -> web.Response:
+async def extract_response(
+    request: web.Request, req: ParsedExtract, search: SearchParams | None = None
+) -> web.Response:
     start = time.perf_counter()
+    if search is None and req.request.identify:
+        search = SearchParams()
+    shown = req.request  # what the client asked to see
+    if search is not None:  # a search needs embeddings even where `vec` is not wanted
+        req = with_embeddings(req)
     results = await run_analysis(request.app, req)
+    identities = None
+    if search is not None:  # /gallery/search, or /extract with "identify": true
+        outcomes = [result for _, result in results]
+        identities = await identify_results(request.app[state.GALLERY], outcomes, search)
     metrics = request.app[state.METRICS]
     warnings = [*req.warnings, *unavailable_warnings(req.request)]
     demo = request.app[state.MODELS].demo
@@ -166,7 +183,9 @@ async def extract_response(request: web.Request, req: ParsedExtract) -> web.Resp
     total_ms = round((time.perf_counter() - start) * 1e3, 3)
 
     def build() -> ExtractResponse:
-        entries = [image_entry(result, req.request, metrics) for _, result in results]
+        entries = [image_entry(result, shown, metrics) for _, result in results]
+        if identities is not None:
+            apply_identities(entries, identities, shown.extract_embedding)
         payload = ExtractResponse(took=Took(total_ms=total_ms), data=entries)
         if demo:
             payload.demo = True

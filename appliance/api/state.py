@@ -10,6 +10,7 @@ from typing import Any
 import aiohttp
 from aiohttp import web
 
+from appliance.api.gallery_service import GalleryService
 from appliance.api.metrics import Metrics, StreamMetrics
 from appliance.api.policy import PolicyBoard
 from appliance.api.stream_session import StreamRegistry
@@ -53,5 +54,6 @@ POLICY = web.AppKey("policy", PolicyBoard)
 STREAMS = web.AppKey("streams", StreamRegistry)
 STREAM_METRICS = web.AppKey("stream_metrics", StreamMetrics)
 WATCHDOG = web.AppKey("watchdog", Watchdog)
+GALLERY = web.AppKey("gallery", GalleryService)
 # /openapi.json, encoded once at start-up (the settings fill in defaults).
 OPENAPI_SPEC = web.AppKey("openapi_spec", bytes)

@@ -44,7 +44,7 @@ from appliance.api.stream_protocol import (
 from appliance.config import Settings
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
 from appliance.pipeline.faces import FaceAnalyzer, ImageResult
-from appliance.pipeline.images import JPEG_MAGIC, PNG_MAGIC, ImageDecoder, ImageError
+from appliance.pipeline.images import JPEG_MAGIC, PNG_MAGIC, ImageArray, ImageDecoder, ImageError
 
 log = structlog.get_logger("appliance.stream")
 
@@ -301,8 +301,6 @@ class Stream:
         self.waiting = Frame(data, seq, ts, now)
         self.frame_ready.set()
 
-    # ------------------------------------------------------------ inference
-
     async def worker(self) -> None:
         while not self.ws.closed:
             await self.frame_ready.wait()
@@ -345,9 +343,13 @@ class Stream:
         deps = self.deps  # admission (probe, reserve pixels), decode; pixels held until done
         img, held = await decode_admitted(deps.decoder, deps.executor, frame.data)
         with held:
-            if self.config.request.embed_only:
-                return await deps.analyzer.embed_only(img, source="stream")
-            return await deps.analyzer.analyze(img, self.config.options)
+            return await self.analyze(img)
+
+    async def analyze(self, img: ImageArray) -> ImageResult:
+        """One decoded frame's faces; `identify_stream` replaces this per stream."""
+        if self.config.request.embed_only:
+            return await self.deps.analyzer.embed_only(img, source="stream")
+        return await self.deps.analyzer.analyze(img, self.config.options)
 
     def result_message(self, frame: Frame, result: ImageResult, took_ms: float) -> ResultMessage:
         request = self.config.request
@@ -361,8 +363,6 @@ class Stream:
         if request.verbose_timings:
             message.took = {k: round(v, 3) for k, v in result.timings_ms.items()}
         return message
-
-    # ------------------------------------------------------------ lifetime
 
     async def run(self) -> None:
         """The reader loop; returns when the socket closes for any reason."""

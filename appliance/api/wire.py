@@ -113,6 +113,13 @@ class ExtractOptions(Struct, kw_only=True):
         ),
     ] = False
     api_ver: Annotated[str | int | None, Meta(description="accepted and ignored")] = None
+    identify: Annotated[
+        bool,
+        Meta(
+            description="search each face in the gallery: adds `identity` and `matches` "
+            "(on streams: `track_id`, `identity`, `similarity`)"
+        ),
+    ] = False
 
     def resolved_max_size(self, limit: tuple[int, int]) -> tuple[int, int] | None:
         """`max_size` as (w, h) within 32..MAX_SIZE; ValueError says what is wrong."""
@@ -157,6 +164,14 @@ class ExtractRequest(ExtractOptions, kw_only=True):
 Coordinate = int | float
 
 
+class MatchOut(Struct):
+    """One gallery subject a face resembles: its best face and the cosine similarity."""
+
+    subject: str
+    similarity: float
+    face_id: int
+
+
 class FaceOut(Struct):
     num_det: int
     prob: float
@@ -169,6 +184,12 @@ class FaceOut(Struct):
     gender: int | UnsetType | None = UNSET
     age: int | UnsetType | None = UNSET
     mask_prob: float | UnsetType | None = UNSET
+    # With `identify` (docs/GALLERY.md): the best subject at IDENTIFY_THRESHOLD or null.
+    identity: str | UnsetType | None = UNSET
+    matches: Annotated[list[MatchOut] | UnsetType, Meta(description="best first")] = UNSET
+    # On streams with `identify`: the face's track and its smoothed best similarity.
+    track_id: int | UnsetType = UNSET
+    similarity: float | UnsetType | None = UNSET
 
 
 class ImageOk(Struct, tag="ok", tag_field="status"):

@@ -32,6 +32,7 @@
     latenciesMs: [],
     frameSize: null,
     error: null,
+    labels: [], // the text drawn over each face of the last drawn result
   };
   window.liveView = live;
 
@@ -103,6 +104,7 @@
       threshold: Number($("threshold").value),
       return_landmarks: $("landmarks").checked,
       extract_embedding: $("embeddings").checked,
+      identify: $("identify").checked,
     };
   }
 
@@ -209,11 +211,17 @@
     const line = Math.max(2, view.width / 320);
     ctx.lineWidth = line;
     ctx.font = `${Math.round(6 * line + 4)}px system-ui, sans-serif`;
+    live.labels = [];
     for (const face of result.faces) {
       const [x1, y1, x2, y2] = face.bbox;
       ctx.strokeStyle = "#00e5ff";
       ctx.strokeRect(x1, y1, x2 - x1, y2 - y1);
-      const label = face.prob.toFixed(2);
+      // With identify: the subject's name (or "unknown") and its track, else the score.
+      const label =
+        "track_id" in face
+          ? `${face.identity ?? "unknown"} #${face.track_id}`
+          : face.prob.toFixed(2);
+      live.labels.push(label);
       const tw = ctx.measureText(label).width + 6;
       ctx.fillStyle = "#00e5ff";
       ctx.fillRect(x1, Math.max(0, y1 - 6 * line - 8), tw, 6 * line + 8);
@@ -271,5 +279,6 @@
   const params = new URLSearchParams(location.search);
   if (params.has("token")) $("token").value = params.get("token");
   if (params.has("fps")) $("fps").value = params.get("fps");
+  if (params.get("identify") === "1") $("identify").checked = true;
   if (params.get("autostart") === "1") start();
 })();
