@@ -98,6 +98,10 @@ def test_delete_face_keeps_the_subjects_other_faces(tmp_path: Path) -> None:
     assert vecs[0].astype("<f4").tobytes() not in files_bytes(tmp_path / "g.db")
     with pytest.raises(FaceNotFound):
         g.delete_face(first)
+    # Ids outside SQLite's rowid range name no face (schemathesis sent 2**63 as a path id).
+    for bad in (0, -1, 2**63, 10**30):
+        with pytest.raises(FaceNotFound):
+            g.delete_face(bad)
     # Ids are never reused: a stale id cannot hit a later face.
     (third,) = g.add_faces("ada", [NewFace(vecs[0])])
     assert third > second
@@ -124,6 +128,9 @@ def test_typed_errors(tmp_path: Path) -> None:
         g.identify(np.zeros(DIM, np.float32))
     with pytest.raises(InvalidEmbedding):
         g.identify(np.full(DIM, np.nan, np.float32))
+    # Faces of one call with different lengths (schemathesis sent these to /gallery/bulk).
+    with pytest.raises(InvalidEmbedding):
+        g.add_faces("ada", [NewFace(unit(rng)[0]), NewFace(np.ones(3, np.float32))])
 
 
 def test_update_subject_metadata_and_external_id(tmp_path: Path) -> None:

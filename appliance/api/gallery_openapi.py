@@ -10,10 +10,11 @@ from appliance.api.gallery_wire import REQUEST_TYPES, RESPONSE_TYPES
 TYPES: tuple[type, ...] = (*REQUEST_TYPES, *RESPONSE_TYPES)
 REF = "#/components/schemas/{name}"
 
+# On top of the statuses every operation shares (`openapi.ERROR_STATUSES`: 401, 408, 413...).
 GALLERY_ERRORS = {
     "400": "invalid body or field; `invalid_embedding`, `recognizer_mismatch`, "
     "`snapshot_invalid`...",
-    "401": "missing or wrong bearer token",
+    "422": "an image that cannot be used (`empty_image`, `corrupt_image`, `no_face`...)",
     "404": "`subject_not_found` or `face_not_found`",
     "409": "`subject_exists` or `external_id_exists`",
     "503": "`gallery_unavailable` (GALLERY_DB cannot be opened), overloaded or paused",
@@ -28,9 +29,10 @@ def typed(name: str) -> dict[str, Any]:
     return {"application/json": {"schema": ref(name)}, "application/msgpack": {"schema": ref(name)}}
 
 
-def gallery_paths() -> dict[str, Any]:
+def gallery_paths(common_errors: dict[str, str]) -> dict[str, Any]:
     error = {"application/json": {"schema": ref("ErrorResponse")}}
-    errors = {code: {"description": t, "content": error} for code, t in GALLERY_ERRORS.items()}
+    statuses = {**common_errors, **GALLERY_ERRORS}
+    errors = {code: {"description": t, "content": error} for code, t in sorted(statuses.items())}
 
     def op(
         op_id: str,
@@ -97,7 +99,13 @@ def gallery_paths() -> dict[str, Any]:
         "ImportResponse",
         params=[query("mode", {"enum": ["merge", "replace"], "default": "merge"})],
     )
-    importer["requestBody"] = {"required": True, "content": zip_content}
+    # The route reads the body's bytes whatever their declared type: a plain upload
+    # (`curl --data-binary @file`) says application/octet-stream.
+    binary = {"schema": {"type": "string", "format": "binary"}}
+    importer["requestBody"] = {
+        "required": True,
+        "content": {**zip_content, "application/octet-stream": binary},
+    }
     return {
         "/gallery/subjects": {
             "post": op(

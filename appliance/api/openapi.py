@@ -249,7 +249,7 @@ def build_spec(settings: Settings) -> dict[str, Any]:
         },
         "components": {"schemas": components},
     }
-    spec["paths"].update(gallery_openapi.gallery_paths())
+    spec["paths"].update(gallery_openapi.gallery_paths(ERROR_STATUSES))
     if settings.api_token is not None:
         spec["components"]["securitySchemes"] = {"bearer": {"type": "http", "scheme": "bearer"}}
         spec["security"] = [{"bearer": []}]

@@ -149,7 +149,7 @@ def run(args: argparse.Namespace) -> int:
             # After an early answer (408, 413) aiohttp reads and discards the rest of the body
             # for `lingering_time` (10 s by default): 2 s still lets an honest uploader read
             # the answer, and a slow sender's socket is closed sooner.
-            handler_args={"lingering_time": 2.0},
+            lingering_time=2.0,
             print=lambda msg: print(msg, file=sys.stderr),
         )
     except StartupError as exc:

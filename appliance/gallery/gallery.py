@@ -39,11 +39,15 @@ DEFAULT_ANN_MIN_FACES = 50_000
 
 
 def normalize(
-    vectors: FloatArray | Sequence[Sequence[float]] | Sequence[float], dim: int | None
+    vectors: FloatArray | Sequence[FloatArray] | Sequence[Sequence[float]] | Sequence[float],
+    dim: int | None,
 ) -> FloatArray:
     """(m, d) unit-length float32 rows; raises InvalidEmbedding for a wrong dimension, a
     non-finite value or a zero vector."""
-    arr = np.asarray(vectors, np.float32)
+    try:
+        arr = np.asarray(vectors, np.float32)
+    except (ValueError, TypeError):  # ragged rows, or values that are not numbers
+        raise InvalidEmbedding("embeddings must be vectors of one length") from None
     if arr.ndim == 1:
         arr = arr[None, :]
     if arr.ndim != 2 or arr.shape[1] == 0:
@@ -299,7 +303,7 @@ class Gallery:
         faces = list(faces)
         if not faces:
             return []
-        vecs = normalize(np.stack([np.asarray(f.embedding, np.float32) for f in faces]), self._dim)
+        vecs = normalize([np.asarray(f.embedding, np.float32) for f in faces], self._dim)
         return [
             NewFace(v, f.crop_jpeg if self.keep_crops else None)
             for v, f in zip(vecs, faces, strict=True)

@@ -328,6 +328,10 @@ class GalleryStore:
         return out
 
     def delete_face(self, db: sqlite3.Connection, face_id: int) -> None:
+        # Ids are SQLite rowids (1 .. 2**63 - 1): anything else names no face, and would make
+        # sqlite3 raise OverflowError instead of answering.
+        if not 0 < face_id < 2**63:
+            raise FaceNotFound(f"no face {face_id}")
         if db.execute("DELETE FROM faces WHERE id = ?", (face_id,)).rowcount == 0:
             raise FaceNotFound(f"no face {face_id}")
 
