@@ -36,15 +36,17 @@ if [ "$(sysctl -n net.ipv4.ip_forward)" = 0 ]; then
 fi
 
 # The container: its own network namespace behind a veth, like docker0 and a container.
-if ! ip netns list | grep -qw appliance-ctr; then
+# nsenter, not `ip netns exec`/`ip -n`, which remount / and fail in the sandbox's chroot.
+CTR="nsenter --net=/run/netns/appliance-ctr"
+if [ ! -e /run/netns/appliance-ctr ]; then
     ip netns add appliance-ctr
     ip link add ctr0 type veth peer name eth0 netns appliance-ctr
     ip addr add 172.17.0.1/16 dev ctr0
     ip link set ctr0 up
-    ip -n appliance-ctr link set lo up
-    ip -n appliance-ctr addr add "$CONTAINER/16" dev eth0
-    ip -n appliance-ctr link set eth0 up
-    ip -n appliance-ctr route add default via 172.17.0.1
+    $CTR ip link set lo up
+    $CTR ip addr add "$CONTAINER/16" dev eth0
+    $CTR ip link set eth0 up
+    $CTR ip route add default via 172.17.0.1
 fi
 
 # Docker's filter chains (DOCKER-USER first in FORWARD; Docker never flushes it) and its
@@ -65,6 +67,6 @@ if [ "$publish" = yes ]; then
     log "published $PUBLISHED_PORT -> $CONTAINER:18080"
 fi
 
-ip netns exec appliance-ctr python3 -m http.server 18080 --bind 0.0.0.0 --directory /srv &
+$CTR python3 -m http.server 18080 --bind 0.0.0.0 --directory /srv &
 # The daemon's process keeps this environment: the role reads it from /proc/PID/environ.
 exec sleep infinity
