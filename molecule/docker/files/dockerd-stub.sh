@@ -68,5 +68,15 @@ if [ "$publish" = yes ]; then
 fi
 
 $CTR python3 -m http.server 18080 --bind 0.0.0.0 --directory /srv &
-# The daemon's process keeps this environment: the role reads it from /proc/PID/environ.
-exec sleep infinity
+# Ready, from the unit's main process itself (a short-lived systemd-notify could exit before
+# systemd reads its message). The process keeps this environment: the role reads it from
+# /proc/PID/environ.
+exec python3 -c '
+import os, socket, time
+address = os.environ["NOTIFY_SOCKET"]
+s = socket.socket(socket.AF_UNIX, socket.SOCK_DGRAM)
+s.connect("\0" + address[1:] if address.startswith("@") else address)
+s.send(b"READY=1")
+while True:
+    time.sleep(3600)
+'
