@@ -187,6 +187,7 @@ def test_negative_scenario_refuses_wrong_hosts_and_decides_fixes(tmp_path: Path)
         "raw_table_missing_optout no_iptables_raw,forward_policy_drop,kernel_modules,port_filter",
         "raw_table_missing_pin pin_docker,forward_policy_drop,kernel_modules,port_filter",
         "raw_table_present forward_policy_drop,kernel_modules,port_filter",
+        "the appliance runs natively: raw_table_present kernel_modules,port_filter",
         "docker_before_28 ip_forward,forward_policy_drop,kernel_modules,port_filter",
         "no_docker kernel_modules,port_filter",
         "nft_broken iptables_legacy,forward_policy_drop,kernel_modules,port_filter",
