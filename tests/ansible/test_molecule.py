@@ -182,7 +182,9 @@ def test_negative_scenario_refuses_wrong_hosts_and_decides_fixes(tmp_path: Path)
         "none (no /etc/nv_tegra_release and no nvidia-l4t-core package: not a Jetson)"
     ) in flat
     assert "Skipping jtop on not-a-jetson" in flat
-    assert "CIDR-VALIDATION-OK docker_network_allowed_cidrs: 10.213.0.1/16 has host bits set" in flat
+    assert (
+        "CIDR-VALIDATION-OK docker_network_allowed_cidrs: 10.213.0.1/16 has host bits set" in flat
+    )
     for case in (
         "raw_table_missing_optout no_iptables_raw,forward_policy_drop,kernel_modules,port_filter",
         "raw_table_missing_pin pin_docker,forward_policy_drop,kernel_modules,port_filter",
