@@ -20,8 +20,9 @@ set -euo pipefail
 CACHE_DIR=${APPLIANCE_SANDBOX_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-sandbox}
 STATE_DIR=${APPLIANCE_SANDBOX_STATE:-/run/appliance-sandbox}
 SUITE=bookworm
-# The package list is part of the cache key: changing it builds a new tarball.
-PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,iproute2,iptables,curl,kmod,procps
+# The package list is part of the cache key: changing it builds a new tarball. python3-pip:
+# the jtop role pip-installs jetson-stats for real (from wheels the controller brings).
+PACKAGES=systemd,systemd-sysv,dbus,openssh-server,python3,python3-apt,python3-pip,iproute2,iptables,curl,kmod,procps
 CACHE_KEY=$(printf '%s %s' "$SUITE" "$PACKAGES" | sha256sum | cut -c1-12)
 TARBALL=$CACHE_DIR/$SUITE-minbase-$CACHE_KEY.tar.gz
 SUBNET_PREFIX=10.213

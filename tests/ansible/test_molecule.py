@@ -1,9 +1,11 @@
 """Molecule scenarios over sandbox hosts (DESIGN.md section 7), run as CI runs them.
 
 `molecule test` boots sandbox hosts (debootstrap root, network namespace, systemd as PID 1),
-converges the site playbook's roles, checks idempotence, verifies from inside and from the
-controller, and destroys them; the negative scenario checks preflight refuses JetPack 5 and
-non-Jetson hosts and that the docker_network decision picks the right fix per case.
+runs the site playbook with --check --diff, converges it, checks idempotence, verifies from
+inside and from the controller, and destroys them. The docker scenario runs the whole
+docker_network role on hosts with Docker 28, 28.0.1 (pin) and docker.io planted as on JetPack
+6.2; the negative scenario checks preflight accepts 6.2.1 and refuses 6.1, JetPack 5 and
+non-Jetson hosts, and that the docker_network decision picks the right fix per case.
 """
 
 from __future__ import annotations
@@ -111,41 +113,85 @@ def _assert_nothing_left(platforms: list[tuple[str, int]]) -> None:
         subprocess.run([str(SANDBOX), "assert-clean", name, str(index)], check=True)
 
 
+def _idempotence_recaps(output: str, scenario: str) -> dict[str, str]:
+    plain = ANSI.sub("", output)
+    second = plain[plain.index(f"[{scenario} > idempotence] Executing") :]
+    second = second[: second.index(f"[{scenario} > idempotence] Executed")]
+    return dict(re.findall(r"^([a-z0-9-]+)\s+: ok=\d+\s+changed=(\d+)", second, re.MULTILINE))
+
+
 @pytest.mark.timeout(900)
 def test_default_scenario_converges_idempotently_and_verifies(tmp_path: Path) -> None:
     rc, output = _molecule("default", tmp_path, [("jetson-a", 21), ("jetson-b", 22)])
     flat = _flat(output)
     assert rc == 0, output[-6000:]
-    for step in ("create", "prepare", "converge", "idempotence", "verify", "destroy"):
+    steps = ("create", "prepare", "check", "converge", "idempotence", "verify", "destroy")
+    for step in steps:
         assert re.search(rf"default (?:>|➜) {step}: Executed: Successful", flat), step
     # The second converge (idempotence) ran on both hosts and changed nothing.
-    plain = ANSI.sub("", output)
-    second = plain[plain.index("[default > idempotence] Executing") :]
-    second = second[: second.index("[default > idempotence] Executed")]
-    recaps = dict(re.findall(r"^(jetson-[ab])\s+: ok=\d+\s+changed=(\d+)", second, re.MULTILINE))
-    assert recaps == {"jetson-a": "0", "jetson-b": "0"}, second[-3000:]
+    assert _idempotence_recaps(output, "default") == {"jetson-a": "0", "jetson-b": "0"}
     assert "docker_network case 'no_docker'" in flat
+    # JetPack 6.2 (R36 REVISION 4.3) passes preflight.
+    assert "jetson-a: L4T R36 REVISION 4.3 (/etc/nv_tegra_release, JetPack 6.2)" in flat
+    # jetson-stats' service finds no Jetson hardware in the sandbox: reported, not hidden.
+    assert re.search(r"jtop\.service is not running on jetson-a \(ActiveState=", flat), flat[-3000:]
+    assert "jtop: user sandbox-ghost does not exist on jetson-a; not added to jtop" in flat
+
+
+@pytest.mark.timeout(900)
+def test_docker_scenario_applies_the_right_fix_for_each_docker(tmp_path: Path) -> None:
+    hosts = [("docker28", 61), ("docker28-pin", 62), ("dockerio", 63), ("docker28-halfdone", 64)]
+    rc, output = _molecule("docker", tmp_path, hosts)
+    flat = _flat(output)
+    assert rc == 0, output[-6000:]
+    for step in ("create", "prepare", "converge", "idempotence", "verify", "destroy"):
+        assert re.search(rf"docker (?:>|➜) {step}: Executed: Successful", flat), step
+    assert _idempotence_recaps(output, "docker") == {name: "0" for name, _ in hosts}
+    # The epoch-carrying version string is read as 28.0.4, docker.io is recognised.
+    for host, decision in (
+        ("docker28", "'raw_table_missing_optout': docker-ce 28.0.4 needs the raw table"),
+        ("docker28-pin", "'raw_table_missing_pin': docker-ce 28.0.1 needs the raw table"),
+        ("dockerio", "'raw_table_missing_optout': docker.io 28.2.2 needs the raw table"),
+    ):
+        assert f'ok: [{host}] => {{ "msg": "docker_network case {decision}' in flat, host
+    # The half-done host: its drop-in was unchanged, the daemon was restarted all the same.
+    assert re.search(
+        r"TASK \[docker_network : Restart Docker because the running daemon does not have the "
+        r"opt-out as configured\] \**\s*(?:skipping: \[[a-z0-9-]+\]\s*)*changed: \[docker28-halfdone\]",
+        flat,
+    ), flat[-3000:]
 
 
 @pytest.mark.timeout(600)
 def test_negative_scenario_refuses_wrong_hosts_and_decides_fixes(tmp_path: Path) -> None:
-    rc, output = _molecule("negative", tmp_path, [("jetpack5", 31), ("not-a-jetson", 32)])
+    hosts = [("jetpack5", 31), ("not-a-jetson", 32), ("jetpack621", 65), ("jetpack61", 66)]
+    rc, output = _molecule("negative", tmp_path, hosts)
     flat = _flat(output)
     assert rc == 0, output[-6000:]
+    assert "PREFLIGHT-ACCEPTED jetpack621: R36 REVISION 4.4 (JetPack 6.2.1)" in flat
+    assert (
+        "NEGATIVE-PREFLIGHT jetpack61: Preflight failed on jetpack61: L4T release: found R36 "
+        "REVISION 4.0 (from /etc/nv_tegra_release, JetPack 6.1), required R36 with REVISION >= 4.3"
+    ) in flat
     assert (
         "NEGATIVE-PREFLIGHT jetpack5: Preflight failed on jetpack5: L4T release: found R35 "
-        "REVISION 4.1 (from /etc/nv_tegra_release, JetPack 5), required R36 with REVISION >= 4"
+        "REVISION 4.1 (from /etc/nv_tegra_release, JetPack 5), required R36 with REVISION >= 4.3"
     ) in flat
     assert (
         "NEGATIVE-PREFLIGHT not-a-jetson: Preflight failed on not-a-jetson: L4T release: found "
         "none (no /etc/nv_tegra_release and no nvidia-l4t-core package: not a Jetson)"
     ) in flat
     assert "Skipping jtop on not-a-jetson" in flat
+    assert (
+        "CIDR-VALIDATION-OK docker_network_allowed_cidrs: 10.213.0.1/16 has host bits set" in flat
+    )
     for case in (
-        "raw_table_missing_optout no_iptables_raw,kernel_modules,port_filter",
-        "raw_table_missing_pin pin_docker,kernel_modules,port_filter",
-        "raw_table_present kernel_modules,port_filter",
-        "docker_before_28 ip_forward,kernel_modules,port_filter",
-        "nft_broken iptables_legacy,kernel_modules,port_filter",
+        "raw_table_missing_optout no_iptables_raw,forward_policy_drop,kernel_modules,port_filter",
+        "raw_table_missing_pin pin_docker,forward_policy_drop,kernel_modules,port_filter",
+        "raw_table_present forward_policy_drop,kernel_modules,port_filter",
+        "the appliance runs natively: raw_table_present kernel_modules,port_filter",
+        "docker_before_28 ip_forward,forward_policy_drop,kernel_modules,port_filter",
+        "no_docker kernel_modules,port_filter",
+        "nft_broken iptables_legacy,forward_policy_drop,kernel_modules,port_filter",
     ):
         assert case in flat, case
