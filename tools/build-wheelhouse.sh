@@ -53,8 +53,15 @@ if [[ ! -f $DEPDIR/.complete ]]; then
     for p in "${PLATFORMS[@]}"; do platform_args+=(--platform "$p"); done
     mapfile -t dep_lines <<<"$DEPS"
     echo "wheelhouse: downloading dependency wheels for Python $PYVER ${PLATFORMS[0]} (cached as $DEPDIR)" >&2
-    "$PYTHON" -m pip download -q -d "$DEPDIR" --only-binary :all: --python-version "$PYVER" \
-        "${platform_args[@]}" "${dep_lines[@]}" pip
+    # PyTurboJPEG 1.x, the line that works with JetPack 6.2's libjpeg-turbo 2.1 (JETSON.md), is
+    # published as an sdist only. It is pure Python (ctypes), so a wheel built here fits every
+    # target; the download below then finds it in DEPDIR.
+    mapfile -t sdist_only < <(printf '%s\n' "${dep_lines[@]}" | grep -i '^pyturbojpeg' || true)
+    if [[ ${#sdist_only[@]} -gt 0 ]]; then
+        "$PYTHON" -m pip wheel -q --no-deps -w "$DEPDIR" "${sdist_only[@]}" >&2
+    fi
+    "$PYTHON" -m pip download -q -d "$DEPDIR" --find-links "$DEPDIR" --only-binary :all: \
+        --python-version "$PYVER" "${platform_args[@]}" "${dep_lines[@]}" pip
     touch "$DEPDIR/.complete"
 fi
 flock -u 9

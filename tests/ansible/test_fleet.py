@@ -173,13 +173,16 @@ def fleet(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Fleet]:
     # Release 2 and 3 are the same code with another version string. The dependency wheels are
     # cached (keyed by the dependency set), so only the appliance wheel is built each time.
     for version in ("1.0.0", "2.0.0", "3.0.0"):
-        subprocess.run(
+        built = subprocess.run(
             [str(REPO / "tools" / "build-wheelhouse.sh"), str(wheelhouses / version), version],
             env={**env, "PYTHON": sys.executable},
-            check=True,
+            check=False,
             capture_output=True,
+            text=True,
             timeout=900,
         )
+        assert built.returncode == 0, f"build-wheelhouse.sh {version}: {built.stderr[-3000:]}"
+
     env.update(
         {
             "ANSIBLE_NOCOLOR": "1",
