@@ -29,7 +29,7 @@ from appliance.backends.factory import (
     resolve_backend,
     tensorrt_usable,
 )
-from appliance.backends.tensorrt import (
+from appliance.backends.tensorrt_build import (
     EnginePlan,
     plan_engine,
     profile_shapes,

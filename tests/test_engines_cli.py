@@ -20,7 +20,7 @@ from appliance import cli
 from appliance.backends.base import BackendError
 from appliance.backends.engine_cache import EngineCache
 from appliance.backends.ort import OnnxRuntimeBackend
-from appliance.backends.tensorrt import EnginePlan, ProgressFn, plan_engine
+from appliance.backends.tensorrt_build import EnginePlan, ProgressFn, plan_engine
 from appliance.commands.check import check_models
 from appliance.commands.engines import (
     EXIT_BUILD_FAILED,

@@ -33,7 +33,7 @@ def _tensorrt_missing() -> str | None:
         return f"the TensorRT Python bindings are not installed ({exc})"
     if not hasattr(tensorrt, "Runtime"):
         return "only TensorRT type stubs are installed"
-    from appliance.backends.tensorrt import tensorrt_available
+    from appliance.backends.tensorrt_build import tensorrt_available
 
     usable, reason = tensorrt_available()
     return None if usable else reason

@@ -1,8 +1,9 @@
 """pycuda plumbing for the TensorRT backend: device context, page-locked host buffers,
 device buffers sized for the max batch, one stream per backend, and a clean release.
 
-Only `appliance.backends.tensorrt` (and the GPU tests and benchmark) use this module. pycuda is
-imported inside the functions, so importing this module never needs a GPU.
+Only `appliance.backends.tensorrt` and `tensorrt_build` (and the GPU tests and benchmark) use
+this module. pycuda is imported inside the functions, so importing this module never needs a
+GPU.
 
 Threading: the detector and the recogniser each run on their batcher's worker thread, while
 the objects were made on the start-up thread. A CUDA context is current per thread, so every

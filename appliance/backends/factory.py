@@ -17,7 +17,7 @@ ResolvedBackend = Literal["trt", "onnx"]
 def tensorrt_usable() -> tuple[bool, str]:
     """Whether TensorRT, pycuda and a CUDA GPU are all present, and why not if they are not."""
     try:
-        from appliance.backends.tensorrt import tensorrt_available
+        from appliance.backends.tensorrt_build import tensorrt_available
     except ImportError as exc:  # the module itself must import everywhere; guard anyway
         return False, f"TensorRT backend unavailable: {exc}"
     return tensorrt_available()

@@ -20,7 +20,7 @@ from appliance.config import ConfigError, Settings, load_settings
 from appliance.models.registry import ModelInfo, ModelRegistry, RegistryError
 
 if TYPE_CHECKING:
-    from appliance.backends.tensorrt import EngineToolchain
+    from appliance.backends.tensorrt_build import EngineToolchain
 
 EXIT_OK = 0
 EXIT_BUILD_FAILED = 1
@@ -192,7 +192,7 @@ def build_engines(
     """Build (or find) each target's engine; returns the exit code."""
     from appliance.backends.base import BackendError
     from appliance.backends.engine_cache import EngineCache, EngineCacheError
-    from appliance.backends.tensorrt import ensure_engine, plan_engine
+    from appliance.backends.tensorrt_build import ensure_engine, plan_engine
     from appliance.models.loader import input_rewrite, normalizes_input
 
     cache = EngineCache(settings.engines_dir)
@@ -246,7 +246,7 @@ def build_engines(
 
 def run(args: argparse.Namespace) -> int:
     from appliance.backends.base import BackendError
-    from appliance.backends.tensorrt import TensorRTToolchain
+    from appliance.backends.tensorrt_build import TensorRTToolchain
 
     try:
         settings = settings_from_args(args)
