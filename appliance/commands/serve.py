@@ -107,7 +107,9 @@ def use_demo(settings: Settings) -> Settings:
 
 
 def _paragraph(text: str) -> str:
-    return textwrap.fill(text, width=100, replace_whitespace=False)
+    # The messages are written wrapped in the source; join their lines before wrapping again,
+    # or each source line break survives inside the new lines.
+    return textwrap.fill(" ".join(text.split()), width=100)
 
 
 def run(args: argparse.Namespace) -> int:
