@@ -22,10 +22,7 @@ import contextlib
 import json
 import os
 import re
-import signal
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -39,16 +36,15 @@ import aiohttp
 import cv2
 import numpy as np
 
-from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script, benchmarks/ is on the path, not the repo
+
+from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model  # noqa: E402
+from tests.helpers import write_calm_sysfs  # noqa: E402
+from tests.serve_process import ServedProcess, appliance_serve  # noqa: E402
 
 FACES = (PlantedFace.square(100, 120, 80, score=0.95), PlantedFace.square(300, 380, 200))
 MAX_QUEUE = 16
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def write_models(directory: Path) -> None:
@@ -63,32 +59,8 @@ def write_models(directory: Path) -> None:
     (directory / "models.override.json").write_text(json.dumps(override))
 
 
-def write_calm_sysfs(root: Path) -> None:
-    """A cool, idle device: the host's own /sys and load must not change admission."""
-    zone = root / "sys/class/thermal/thermal_zone0"
-    zone.mkdir(parents=True, exist_ok=True)
-    (zone / "type").write_text("cpu-thermal\n")
-    (zone / "temp").write_text("45000\n")
-    (root / "proc").mkdir(exist_ok=True)
-    kb = 32 * 1024 * 1024
-    (root / "proc/meminfo").write_text(
-        f"MemTotal: {kb} kB\nMemFree: {kb // 2} kB\nMemAvailable: {kb // 2} kB\n"
-    )
-
-
-@dataclass
-class Server:
-    proc: subprocess.Popen[bytes]
-    port: int
-    log: Path
-
-    @property
-    def base(self) -> str:
-        return f"http://127.0.0.1:{self.port}"
-
-    @property
-    def ws(self) -> str:
-        return f"ws://127.0.0.1:{self.port}/ws/stream"
+# The harness's process: base and ws URLs, the pid for /proc, the log.
+Server = ServedProcess
 
 
 @contextlib.contextmanager
@@ -99,15 +71,12 @@ def serve(workdir: Path, **env: str) -> Iterator[Server]:
     if not (models / "det.onnx").exists():
         write_models(models)
     write_calm_sysfs(sysfs)
-    port = free_port()
     settings = {
         "MODELS_DIR": str(models),
         "DET_MODEL": "load_scrfd",
         "REC_MODEL": "load_arcface",
         "TRUST_UNVERIFIED": "1",
         "INFERENCE_BACKEND": "onnx",
-        "HOST": "127.0.0.1",
-        "PORT": str(port),
         "MAX_QUEUE": str(MAX_QUEUE),
         "MAX_STREAMS": "8",
         "STREAM_STATS_INTERVAL_S": "1",
@@ -117,41 +86,11 @@ def serve(workdir: Path, **env: str) -> Iterator[Server]:
         "LOG_LEVEL": "INFO",
         **env,
     }
-    log = workdir / f"server-{port}.log"
-    with log.open("wb") as out:
-        proc = subprocess.Popen(
-            [sys.executable, "-m", "appliance.cli", "serve", "--no-fetch"],
-            env={**os.environ, **settings},
-            stdout=out,
-            stderr=subprocess.STDOUT,
-        )
-    server = Server(proc, port, log)
-    try:
-        wait_ready(server)
+    # 60 s to stop: the SIGTERM test gives the server a long grace to finish accepted work.
+    with appliance_serve(
+        "--no-fetch", env=settings, log_dir=workdir, ready_timeout=90, stop_timeout=60
+    ) as server:
         yield server
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
-
-
-def wait_ready(server: Server, seconds: float = 90) -> None:
-    import urllib.request
-
-    deadline = time.monotonic() + seconds
-    while time.monotonic() < deadline:
-        if server.proc.poll() is not None:
-            raise RuntimeError(f"server exited: {server.log.read_text()[-2000:]}")
-        try:
-            with urllib.request.urlopen(f"{server.base}/health/ready", timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError("server did not become ready")
 
 
 def frame(seed: int = 0, width: int = 640, height: int = 480) -> bytes:

@@ -10,15 +10,18 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import json
 import statistics
-import subprocess
+import tempfile
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
 
 from model_limit import SHARED, limit, prepare, stage_cpu_ms
-from serving_overhead import extract_payload, free_port, load, start_server
+from serving_overhead import extract_payload, load, serving
+
+from tests.serve_process import ServedProcess
 
 PHOTOS = {"t1 (6 faces)": "t1.jpg", "obama1 (1 face)": "probe/obama1.jpg"}
 MODEL_STAGES = ("detector model", "recognizer model")
@@ -32,21 +35,21 @@ def run_real(args: argparse.Namespace, concurrencies: list[int]) -> None:
     }
     limits: dict[tuple[str, str], list[float]] = defaultdict(list)
     served: dict[tuple[str, str, str, int], list[dict[str, float]]] = defaultdict(list)
-    servers: dict[str, tuple[subprocess.Popen[bytes], str]] = {}
     compare_env = dict(kv.split("=", 1) for kv in args.compare_env)
     sources: dict[str, Path | None] = {"this": None}
     if args.compare_src or compare_env:
         sources["compare"] = args.compare_src
-    try:
+    with tempfile.TemporaryDirectory() as logs, contextlib.ExitStack() as stack:
+        servers: dict[str, ServedProcess] = {}
         for label, src in sources.items():
-            port = free_port()
             # --compare-src: the same benchmark against another checkout's code (main, say),
             # started from that directory, so before and after meet the same machine load.
             extra = {**env, **(compare_env if label == "compare" else {})}
             if src:
                 extra["PYTHONPATH"] = str(src)
-            proc = start_server(models, port, args.batch, args.window_ms, True, extra, src)
-            servers[label] = (proc, f"http://127.0.0.1:{port}/extract")
+            servers[label] = stack.enter_context(
+                serving(models, args.batch, args.window_ms, Path(logs), True, extra, src)
+            )
         for _ in range(args.rounds):
             for name, prep in preps.items():
                 for way in ("shared", "per-core"):
@@ -56,13 +59,10 @@ def run_real(args: argparse.Namespace, concurrencies: list[int]) -> None:
                 for fmt in ("json", "msgpack"):
                     request = extract_payload(prep.data, fmt == "msgpack")
                     for c in concurrencies:
-                        for label, (proc, url) in servers.items():
-                            run = load(url, prep.data, c, args.seconds, request, proc.pid)
+                        for label, server in servers.items():
+                            url, pid = f"{server.base}/extract", server.proc.pid
+                            run = load(url, prep.data, c, args.seconds, request, pid)
                             served[(label, name, fmt, c)].append(asyncio.run(run))
-    finally:
-        for proc, _ in servers.values():
-            proc.terminate()
-            proc.wait(timeout=30)
 
     result: dict[str, Any] = {"env": env, "limits": {}, "served": [], "stages": {}}
     print(f"server env {env or '(defaults)'}; {args.rounds} rounds x {args.seconds}s; medians")

@@ -18,15 +18,15 @@ from __future__ import annotations
 import argparse
 import asyncio
 import base64
+import contextlib
 import json
 import os
 import platform
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -35,21 +35,19 @@ import cv2
 import msgpack
 import numpy as np
 
-from appliance.backends.ort import OnnxRuntimeBackend
-from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model
-from appliance.models.registry import ModelInfo, ModelRegistry
-from appliance.pipeline.embed import to_blob
-from appliance.pipeline.images import letterbox
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # run as a script, benchmarks/ is on the path, not the repo
+
+from appliance.backends.ort import OnnxRuntimeBackend  # noqa: E402
+from appliance.models.demo import PlantedFace, build_arcface_model, build_scrfd_model  # noqa: E402
+from appliance.models.registry import ModelInfo, ModelRegistry  # noqa: E402
+from appliance.pipeline.embed import to_blob  # noqa: E402
+from appliance.pipeline.images import letterbox  # noqa: E402
+from tests.serve_process import ServedProcess, appliance_serve  # noqa: E402
 
 
 def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(np.array(values), q)) if values else float("nan")
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 def make_image(seed: int = 0) -> bytes:
@@ -180,17 +178,17 @@ async def load(
     }
 
 
-def start_server(
+@contextlib.contextmanager
+def serving(
     directory: Path,
-    port: int,
     batch: int,
     window_ms: float,
+    log_dir: Path,
     real: bool = False,
     extra_env: dict[str, str] | None = None,
     cwd: Path | None = None,
-) -> subprocess.Popen[bytes]:
+) -> Iterator[ServedProcess]:
     env = {
-        **os.environ,
         "MODELS_DIR": str(directory),
         "DET_MODEL": REAL_DETECTOR if real else "bench_scrfd",
         "REC_MODEL": REAL_RECOGNIZER if real else "bench_arcface",
@@ -198,32 +196,12 @@ def start_server(
         "DET_BATCH_SIZE": str(batch),
         "BATCH_WINDOW_MS": str(window_ms),
         "MAX_QUEUE": "256",
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
         "LOG_LEVEL": "WARNING",
         "LOG_FORMAT": "json",
         **(extra_env or {}),
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", "--no-fetch"],
-        env=env,
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
-        cwd=cwd,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(
-                f"server exited: {proc.stderr.read().decode() if proc.stderr else ''}"
-            )
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=0.2):
-                return proc
-        except OSError:
-            time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not start within 60 s")
+    with appliance_serve("--no-fetch", env=env, log_dir=log_dir, cwd=cwd) as server:
+        yield server
 
 
 def main() -> None:
@@ -286,21 +264,16 @@ def main() -> None:
         directory = args.real_models if real else Path(tmp)
         if not real:
             write_models(directory, args.layers, args.channels)
-        port = free_port()
-        server = start_server(directory, port, args.batch, args.window_ms, real)
-        url = f"http://127.0.0.1:{port}/extract"
         bare_runs: list[dict[str, float]] = []
         served_runs: dict[int, list[dict[str, float]]] = {c: [] for c in concurrencies}
-        try:
+        with serving(directory, args.batch, args.window_ms, Path(tmp), real) as server:
+            url = f"{server.base}/extract"
             # Alternate (a) and (b) so that machine noise hits both alike. The server idles
             # while the bare loop runs, and vice versa.
             for _ in range(args.rounds):
                 bare_runs.append(bare_loop(directory, image, args.batch, args.seconds, real))
                 for c in concurrencies:
                     served_runs[c].append(asyncio.run(load(url, image, c, args.seconds)))
-        finally:
-            server.terminate()
-            server.wait(timeout=30)
 
     def med(runs: list[dict[str, float]], key: str) -> float:
         return statistics.median(r[key] for r in runs)

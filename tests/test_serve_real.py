@@ -3,52 +3,29 @@
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-import urllib.request
 from pathlib import Path
 
-from tests.test_cli import free_port, wait_ready
+from tests.serve_process import appliance_serve
 
 
 def test_serve_with_the_shared_real_models_reports_their_batch_and_embedding_size(
     real_models: Path, tmp_path: Path
 ) -> None:
-    port = free_port()
     env = {
-        **os.environ,
         "DET_MODEL": "scrfd_2.5g_bnkps",
         "REC_MODEL": "mobilefacenet_128",
         "MODELS_DIR": str(real_models),
         "ENGINES_DIR": str(tmp_path / "engines"),
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
         "LOG_FORMAT": "json",
     }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", "--no-fetch"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        assert wait_ready(port, proc)["status"] == "ready"
-        with urllib.request.urlopen(f"http://127.0.0.1:{port}/info", timeout=5) as resp:
-            info = json.loads(resp.read())
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
+    with appliance_serve("--no-fetch", env=env, log_dir=tmp_path) as server:
+        assert server.ready["status"] == "ready"
+        info = server.get_json("/info")
     rec = info["models"]["recognizer"]
     # REC_BATCH_SIZE defaults to 4; the model's batch is fixed at 1 and cannot be rewritten.
     assert (rec["configured_batch"], rec["effective_batch"], rec["batch_mode"]) == (4, 1, "pieces")
     assert rec["embedding_size"] == 128
-    events = [
-        json.loads(line)
-        for line in (proc.stderr.read() if proc.stderr else "").splitlines()
-        if line.startswith("{")
-    ]
+    events = [json.loads(line) for line in server.output().splitlines() if line.startswith("{")]
     planned = {e["model"]: e for e in events if e.get("event") == "model_batch_planned"}
     assert planned["mobilefacenet_128"]["effective_batch"] == 1
     assert planned["mobilefacenet_128"]["configured_batch"] == 4
@@ -56,27 +33,10 @@ def test_serve_with_the_shared_real_models_reports_their_batch_and_embedding_siz
 
 
 def test_demo_models_say_so_and_name_the_real_model_files(tmp_path: Path) -> None:
-    port = free_port()
-    env = {
-        **os.environ,
-        "MODELS_DIR": str(tmp_path / "models"),
-        "PORT": str(port),
-        "HOST": "127.0.0.1",
-        "LOG_FORMAT": "json",
-    }
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "appliance.cli", "serve", "--demo-models"],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
-    try:
-        wait_ready(port, proc)
-    finally:
-        proc.terminate()
-        proc.wait(timeout=30)
-    stderr = " ".join((proc.stderr.read() if proc.stderr else "").split())
+    env = {"MODELS_DIR": str(tmp_path / "models"), "LOG_FORMAT": "json"}
+    with appliance_serve("--demo-models", env=env, log_dir=tmp_path) as server:
+        pass
+    stderr = " ".join(server.output().split())
     assert "DEMO models" in stderr and "planted test faces whatever the image" in stderr
     assert "scrfd_2.5g_bnkps.onnx and mobilefacenet_128.onnx" in stderr
     assert "DET_MODEL=scrfd_2.5g_bnkps REC_MODEL=mobilefacenet_128" in stderr
