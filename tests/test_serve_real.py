@@ -30,13 +30,3 @@ def test_serve_with_the_shared_real_models_reports_their_batch_and_embedding_siz
     assert planned["mobilefacenet_128"]["effective_batch"] == 1
     assert planned["mobilefacenet_128"]["configured_batch"] == 4
     assert "scrfd_2.5g_bnkps" in planned
-
-
-def test_demo_models_say_so_and_name_the_real_model_files(tmp_path: Path) -> None:
-    env = {"MODELS_DIR": str(tmp_path / "models"), "LOG_FORMAT": "json"}
-    with appliance_serve("--demo-models", env=env, log_dir=tmp_path) as server:
-        pass
-    stderr = " ".join(server.output().split())
-    assert "DEMO models" in stderr and "planted test faces whatever the image" in stderr
-    assert "scrfd_2.5g_bnkps.onnx and mobilefacenet_128.onnx" in stderr
-    assert "DET_MODEL=scrfd_2.5g_bnkps REC_MODEL=mobilefacenet_128" in stderr
