@@ -1,12 +1,16 @@
 """Golden tests end to end: the real models behind the real server on a real socket.
 
-Coordinates on the wire may be whole pixels (rounded or truncated, whichever convention the
-API answers in) or floats: both land within one pixel of the reference.
+`reference.json` was computed by InsightFace's own implementation; InsightFace-REST answers
+those boxes and landmarks as `astype(int)` and `size` as the box width. Our default answer
+must be those integers (within the one pixel that float differences can move a truncation);
+`subpixel` must give the floats themselves. Either way every face lands within one pixel of
+the reference.
 """
 
 from __future__ import annotations
 
 import base64
+import math
 from pathlib import Path
 from typing import Any
 
@@ -85,6 +89,31 @@ async def test_every_photo_and_probe_matches_the_reference_through_http(
             got = best_similarity(faces[i]["vec"], gallery)
             for identity, similarity in e["best_similarity_per_identity"].items():
                 assert got[identity] == pytest.approx(similarity, abs=SIMILARITY_TOL)
+
+
+async def test_default_answer_is_insightface_rest_integers_and_subpixel_the_floats(
+    serve: Any, real_models: Path, photos: Path
+) -> None:
+    client = await serve(**real(real_models, rec_batch_size=1))
+    image = (photos / "t1.jpg").read_bytes()
+    (ints,) = await extract(client, [image])
+    (floats,) = await extract(client, [image], subpixel=True)
+    reference = load_reference(photos)["images"]["photos/t1.jpg"]["faces"]
+    assert len(ints["faces"]) == len(floats["faces"]) == len(reference)
+    order = match([f["bbox"] for f in floats["faces"]], [e["bbox"] for e in reference])
+    for e, i in zip(reference, order, strict=True):
+        face = floats["faces"][i]
+        assert max_abs_diff(face["bbox"], e["bbox"]) < HTTP_PIXEL_TOL
+        assert max_abs_diff(face["landmarks"], e["landmarks"]) < HTTP_PIXEL_TOL
+        assert abs(face["prob"] - e["score"]) < 0.01
+    order = match([f["bbox"] for f in ints["faces"]], [e["bbox"] for e in reference])
+    for e, i in zip(reference, order, strict=True):
+        face = ints["faces"][i]
+        assert all(type(v) is int for v in face["bbox"])
+        assert max_abs_diff(face["bbox"], [math.trunc(v) for v in e["bbox"]]) <= 1
+        assert face["size"] == pytest.approx(math.trunc(e["bbox"][2] - e["bbox"][0]), abs=1)
+        assert max_abs_diff(face["landmarks"], np.trunc(e["landmarks"])) <= 1
+        assert float(np.linalg.norm(face["vec"])) == pytest.approx(1.0, abs=1e-4)
 
 
 @pytest.mark.parametrize("rec_batch_size", [1, 4, 64])
