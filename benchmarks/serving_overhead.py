@@ -200,6 +200,8 @@ def serving(
         "LOG_FORMAT": "json",
         **(extra_env or {}),
     }
+    # The watchdog reads the harness's calm sysfs tree, so a busy host cannot pause a round;
+    # `--env TELEMETRY_SOURCE=auto` measures with the host's own telemetry instead.
     with appliance_serve("--no-fetch", env=env, log_dir=log_dir, cwd=cwd) as server:
         yield server
 

@@ -11,19 +11,15 @@ from appliance.cli import main
 from tests.serve_process import ServeFailed, appliance_serve
 
 
-@pytest.fixture(autouse=True)
-def calm_telemetry(monkeypatch: pytest.MonkeyPatch, calm_sysfs: Path) -> None:
-    """Servers started here inherit a calm tree, never the CI host's /sys (issue 12 defect 8)."""
-    monkeypatch.setenv("TELEMETRY_SOURCE", "sysfs")
-    monkeypatch.setenv("SYSFS_ROOT", str(calm_sysfs))
-
-
 def test_serve_demo_models_works_offline_and_says_so(tmp_path: Path) -> None:
     env = {"MODELS_DIR": str(tmp_path / "models"), "LOG_FORMAT": "json"}
     with appliance_serve("--demo-models", env=env, log_dir=tmp_path) as server:
         assert server.ready["status"] == "ready"
         assert server.get_json("/info")["models"]["detector"]["name"] == "demo_scrfd"
         assert (tmp_path / "models" / "demo_scrfd.onnx").is_file()
+        # The harness's calm tree, not this host's /sys (issue 12 defect 8).
+        watchdog = server.get_json("/info")["watchdog"]
+        assert watchdog["reason"] == f"TELEMETRY_SOURCE=sysfs: reading {server.sysfs_root}"
     assert server.proc.returncode == 0  # SIGTERM is a clean shutdown
     # The demo paragraph is wrapped to the terminal: its words, not its line breaks.
     said = " ".join(server.output().split())

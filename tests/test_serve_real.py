@@ -21,6 +21,8 @@ def test_serve_with_the_shared_real_models_reports_their_batch_and_embedding_siz
     with appliance_serve("--no-fetch", env=env, log_dir=tmp_path) as server:
         assert server.ready["status"] == "ready"
         info = server.get_json("/info")
+    # The harness's calm tree: a hot or memory-tight runner cannot pause inference here.
+    assert info["watchdog"]["reason"] == f"TELEMETRY_SOURCE=sysfs: reading {server.sysfs_root}"
     rec = info["models"]["recognizer"]
     # REC_BATCH_SIZE defaults to 4; the model's batch is fixed at 1 and cannot be rewritten.
     assert (rec["configured_batch"], rec["effective_batch"], rec["batch_mode"]) == (4, 1, "pieces")
