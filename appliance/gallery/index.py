@@ -17,6 +17,14 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from appliance.gallery.exact import (
+    Int8Codes,
+    candidates,
+    exact_scores,
+    gemm_bound,
+    max_norm,
+    rank,
+)
 from appliance.gallery.records import FloatArray
 
 IntArray = npt.NDArray[np.int64]
@@ -40,16 +48,35 @@ class VectorIndex(Protocol):
 
 class ExactIndex:
     """Brute force over a growable float32 matrix; delete moves the last row into the hole
-    so the live rows stay one contiguous block for BLAS."""
+    so the live rows stay one contiguous block for BLAS.
+
+    Search is exact (exact.py proves it): one query against INT8_MIN_ROWS rows or more scans
+    int8 codes of the matrix with FAISS and re-scores the candidates that scan cannot rule
+    out; a batch of GEMM_MIN_QUERIES or more, or a small matrix, takes one float32 product
+    as the filter instead (it reads the matrix once for the whole batch).
+    """
+
+    # Below this many rows the float32 product takes < 1 ms and the codes' scan saves little.
+    INT8_MIN_ROWS = 16_384
+    # From this many queries per call one GEMM (the 200 MB read shared by all of them) beats
+    # one int8 scan (50 MB) per query: measured in benchmarks/gallery_search.py.
+    GEMM_MIN_QUERIES = 4
 
     def __init__(
-        self, dim: int, capacity: int = 1024, dtype: type[np.floating[Any]] = np.float32
+        self,
+        dim: int,
+        capacity: int = 1024,
+        dtype: type[np.floating[Any]] = np.float32,
+        *,
+        int8_codes: bool = True,
     ) -> None:
         self.dim = dim
         self._mat: npt.NDArray[Any] = np.empty((max(capacity, 1), dim), dtype)
         self._ids = np.empty(max(capacity, 1), np.int64)
         self._row: dict[int, int] = {}
         self._n = 0
+        self._max_norm = 0.0
+        self._codes = Int8Codes(dim) if int8_codes else None
 
     @classmethod
     def adopt(cls, ids: IntArray, matrix: FloatArray) -> ExactIndex:
@@ -61,6 +88,9 @@ class ExactIndex:
         index._ids[: len(ids)] = ids
         index._row = {fid: row for row, fid in enumerate(ids.tolist())}
         index._n = len(ids)
+        index._note_norms(matrix[: len(ids)])
+        if index._codes is not None and len(ids):
+            index._codes.rebuild(matrix[: len(ids)])
         return index
 
     def __len__(self) -> int:
@@ -84,6 +114,16 @@ class ExactIndex:
         for i, fid in enumerate(ids.tolist()):
             self._row[fid] = self._n + i
         self._n += m
+        self._note_norms(self._mat[self._n - m : self._n])
+        if self._codes is not None and m:
+            if self._codes.fits(vecs):
+                self._codes.add(self._mat[self._n - m : self._n])
+            else:  # a value past the int8 range: a new scale for every row
+                self._codes.rebuild(self._mat[: self._n])
+
+    def _note_norms(self, vecs: npt.NDArray[Any]) -> None:
+        # float32 norms are within ~2^-20 of the true ones; the slack keeps this an upper bound.
+        self._max_norm = max(self._max_norm, max_norm(vecs) * (1 + 2.0**-18))
 
     def remove(self, ids: IntArray) -> None:
         for fid in ids.tolist():
@@ -99,6 +139,8 @@ class ExactIndex:
             # Overwrite the freed row: a removed face leaves no copy in memory either.
             self._mat[last] = 0.0
             self._n = last
+            if self._codes is not None:
+                self._codes.move_last_to(row)
 
     def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
         m = queries.shape[0]
@@ -107,17 +149,42 @@ class ExactIndex:
         ids_out = np.full((m, k), -1, np.int64)
         if k_eff == 0:
             return sims_out, ids_out
-        # (m, n): one GEMM for a batch of queries, GEMV for one.
-        sims = queries @ self._mat[: self._n].T
-        if k_eff < self._n:
-            part = np.argpartition(-sims, k_eff - 1, axis=1)[:, :k_eff]
+        if self._codes is not None and self._n >= self.INT8_MIN_ROWS and m < self.GEMM_MIN_QUERIES:
+            rows = [self._scan_codes(q, k_eff) for q in queries]
         else:
-            part = np.broadcast_to(np.arange(self._n), (m, self._n))
-        top = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        sims_out[:, :k_eff] = np.take_along_axis(top, order, axis=1)
-        ids_out[:, :k_eff] = self._ids[np.take_along_axis(part, order, axis=1)]
+            rows = self._scan_product(queries, k_eff)
+        for i, cand in enumerate(rows):
+            if len(cand) > 4 * k_eff + 64:
+                # Many candidates (a wide int8 bound): narrow them with float32 first, so
+                # the float64 re-score below sees only the near-ties.
+                est = np.asarray(self._mat[cand] @ queries[i], np.float64)
+                bound = gemm_bound(queries[i : i + 1], self._max_norm)[0]
+                cand = cand[candidates(est, bound, k_eff)]
+            sims = exact_scores(self._mat, cand, queries[i])
+            sims_out[i, :k_eff], ids_out[i, :k_eff] = rank(sims, self._ids[cand], k_eff)
         return sims_out, ids_out
+
+    def _scan_product(self, queries: FloatArray, k: int) -> list[IntArray]:
+        """Candidate rows per query from one float32 product (GEMV, or GEMM for a batch)."""
+        est = np.asarray(queries @ self._mat[: self._n].T, np.float64)
+        bounds = gemm_bound(queries, self._max_norm)
+        return [candidates(e, b, k) for e, b in zip(est, bounds.tolist(), strict=True)]
+
+    def _scan_codes(self, query: FloatArray, k: int) -> IntArray:
+        """Candidate rows for one query from the int8 codes: FAISS keeps the best `probe`
+        estimates, widened until the last kept one is below the candidates' floor (so no
+        row outside the list can be a candidate)."""
+        assert self._codes is not None
+        bound = float(self._codes.bound(query[None])[0])
+        probe = min(self._n, max(32 * k, 512))
+        while True:
+            est, rows = self._codes.scan(query[None], probe)
+            floor = est[0, k - 1] - 2 * bound
+            if probe >= self._n or est[0, probe - 1] < floor:
+                break
+            probe = min(self._n, probe * 4)
+        found: IntArray = rows[0][(est[0] >= floor) & (rows[0] >= 0)]
+        return found
 
     def vectors(self, ids: IntArray) -> FloatArray:
         rows = [self._row[fid] for fid in ids.tolist()]
@@ -156,7 +223,7 @@ class ApproximateIndex:
         # IndexBinaryFlat wants whole bytes; packbits pads the last byte with zero bits.
         self._codes: Any = faiss.IndexBinaryFlat(-(-dim // 8) * 8)
         self._positions = np.empty(0, np.int64)  # face id at each code position
-        self._vectors = ExactIndex(dim, dtype=np.float16)
+        self._vectors = ExactIndex(dim, dtype=np.float16, int8_codes=False)
 
     def __len__(self) -> int:
         return len(self._vectors)
