@@ -18,11 +18,13 @@ import numpy as np
 import numpy.typing as npt
 
 from appliance.gallery.exact import (
+    SCALE_HEADROOM,
     Int8Codes,
     candidates,
     exact_scores,
     gemm_bound,
     max_norm,
+    product,
     rank,
 )
 from appliance.gallery.records import FloatArray
@@ -86,7 +88,7 @@ class ExactIndex:
         index._mat = matrix
         index._ids = np.empty(len(matrix), np.int64)
         index._ids[: len(ids)] = ids
-        index._row = {fid: row for row, fid in enumerate(ids.tolist())}
+        index._row = dict(zip(ids.tolist(), range(len(ids)), strict=True))
         index._n = len(ids)
         index._note_norms(matrix[: len(ids)])
         if index._codes is not None and len(ids):
@@ -119,7 +121,7 @@ class ExactIndex:
             if self._codes.fits(vecs):
                 self._codes.add(self._mat[self._n - m : self._n])
             else:  # a value past the int8 range: a new scale for every row
-                self._codes.rebuild(self._mat[: self._n])
+                self._codes.rebuild(self._mat[: self._n], SCALE_HEADROOM)
 
     def _note_norms(self, vecs: npt.NDArray[Any]) -> None:
         # float32 norms are within ~2^-20 of the true ones; the slack keeps this an upper bound.
@@ -150,14 +152,19 @@ class ExactIndex:
         if k_eff == 0:
             return sims_out, ids_out
         if self._codes is not None and self._n >= self.INT8_MIN_ROWS and m < self.GEMM_MIN_QUERIES:
-            rows = [self._scan_codes(q, k_eff) for q in queries]
+            rows = [
+                cand
+                if (cand := self._scan_codes(q, k_eff)) is not None
+                else self._scan_product(q[None], k_eff)[0]
+                for q in queries
+            ]
         else:
             rows = self._scan_product(queries, k_eff)
         for i, cand in enumerate(rows):
             if len(cand) > 4 * k_eff + 64:
                 # Many candidates (a wide int8 bound): narrow them with float32 first, so
                 # the float64 re-score below sees only the near-ties.
-                est = np.asarray(self._mat[cand] @ queries[i], np.float64)
+                est = product(np.take(self._mat, cand, axis=0), queries[i]).astype(np.float64)
                 bound = gemm_bound(queries[i : i + 1], self._max_norm)[0]
                 cand = cand[candidates(est, bound, k_eff)]
             sims = exact_scores(self._mat, cand, queries[i])
@@ -170,19 +177,20 @@ class ExactIndex:
         bounds = gemm_bound(queries, self._max_norm)
         return [candidates(e, b, k) for e, b in zip(est, bounds.tolist(), strict=True)]
 
-    def _scan_codes(self, query: FloatArray, k: int) -> IntArray:
-        """Candidate rows for one query from the int8 codes: FAISS keeps the best `probe`
-        estimates, widened until the last kept one is below the candidates' floor (so no
-        row outside the list can be a candidate)."""
+    def _scan_codes(self, query: FloatArray, k: int) -> IntArray | None:
+        """Candidate rows for one query from the int8 codes, or None when they are too many
+        for one scan. FAISS keeps the best `probe` estimates; when even the last of them is
+        above the candidates' floor, rows outside the list may be candidates too. Widening
+        the list costs FAISS's heap more than the float32 product then costs (4,096 kept:
+        ~3x a 512 scan), so the caller falls back to the product: near-duplicate faces by
+        the thousand, not the usual case."""
         assert self._codes is not None
         bound = float(self._codes.bound(query[None])[0])
-        probe = min(self._n, max(32 * k, 512))
-        while True:
-            est, rows = self._codes.scan(query[None], probe)
-            floor = est[0, k - 1] - 2 * bound
-            if probe >= self._n or est[0, probe - 1] < floor:
-                break
-            probe = min(self._n, probe * 4)
+        probe = min(self._n, max(64 * k, 512))
+        est, rows = self._codes.scan(query[None], probe)
+        floor = est[0, k - 1] - 2 * bound
+        if probe < self._n and est[0, probe - 1] >= floor:
+            return None
         found: IntArray = rows[0][(est[0] >= floor) & (rows[0] >= 0)]
         return found
 
@@ -258,7 +266,8 @@ class ApproximateIndex:
         _, found = self._codes.search(self._pack(queries), min(n, max(k, self._rerank)))
         for i in range(m):
             cand = self._positions[found[i][found[i] >= 0]]
-            sims = self._vectors.vectors(cand) @ queries[i]
+            # On this thread, not OpenBLAS's: see exact.product.
+            sims = product(self._vectors.vectors(cand), queries[i])
             order = np.argsort(-sims, kind="stable")[:k]
             sims_out[i, : len(order)] = sims[order]
             ids_out[i, : len(order)] = cand[order]
