@@ -205,9 +205,15 @@ def rank(sims: FloatArray, ids: IntArray, k: int) -> tuple[FloatArray, IntArray]
     return sims[order], ids[order]
 
 
-def candidates(est: F64, bound: float, k: int) -> IntArray:
-    """Positions in `est` (one query's estimates) that may be in the exact top k."""
+def candidates(est: npt.NDArray[Any], bound: float, k: int) -> IntArray:
+    """Positions in `est` (one query's estimates, float32 or float64) that may be in the
+    exact top k."""
     if len(est) <= k:
         return np.arange(len(est), dtype=np.int64)
-    kth = np.partition(est, len(est) - k)[len(est) - k]
-    return np.flatnonzero(est >= kth - 2 * bound).astype(np.int64)
+    kth = float(np.partition(est, len(est) - k)[len(est) - k])
+    floor = kth - 2 * bound
+    # Compared in est's own type: round the floor down, never up (more candidates is safe).
+    typed = est.dtype.type(floor)
+    if float(typed) > floor:
+        typed = np.nextafter(typed, est.dtype.type(-np.inf))
+    return np.flatnonzero(est >= typed).astype(np.int64)

@@ -35,7 +35,7 @@ from appliance.gallery.thresholds import effective_threshold
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ANN_MIN_FACES = 50_000
+DEFAULT_ANN_MIN_FACES = 150_000
 
 
 def normalize(
