@@ -60,10 +60,12 @@ class ExactIndex:
     as the filter instead (it reads the matrix once for the whole batch).
     """
 
-    # Below this many rows the float32 product takes < 1 ms and the codes' scan saves little.
+    # Below this many rows the float32 product reads <= 32 MB (~1 ms) and the codes' scan
+    # saves little.
     INT8_MIN_ROWS = 16_384
-    # From this many queries per call one GEMM (the 200 MB read shared by all of them) beats
-    # one int8 scan (50 MB) per query: measured in benchmarks/gallery_search.py.
+    # From this many queries per call one GEMM (the matrix read once for all of them) costs
+    # less than one int8 scan per query: benchmarks/gallery_search.py measured a GEMM of 16
+    # at 0.14-0.20 of a GEMV per query, an int8 search at 0.28-0.34, so they cross near 4.
     GEMM_MIN_QUERIES = 4
 
     def __init__(
