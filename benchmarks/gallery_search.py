@@ -1,12 +1,14 @@
 """Gallery search, load and enrolment, measured.
 
 - exact: one query against N faces, the alternatives side by side in interleaved rounds
-  (medians, ratio to the float32 GEMV): the bandwidth floor, numpy GEMV on 1 and 2
-  threads, FAISS flat and fp16, the int8 scan alone and ExactIndex.search (int8 scan +
-  exact re-rank); a batch of 16 queries per call reported per query; Gallery.identify;
+  (medians, ratio to the float32 GEMV): the bandwidth floor, numpy's GEMV (OpenBLAS) and
+  the same split over 2 Python threads, FAISS flat and fp16, the int8 scan alone and
+  ExactIndex.search (int8 scan + exact re-rank), the re-score step through OpenBLAS and
+  einsum; a batch of 16 queries per call reported per query; Gallery.identify;
 - ann: ApproximateIndex (FAISS binary codes + exact re-rank) over N faces: build time,
   search median (and of the binary scan alone) and recall@1 against exact search;
-- load: open a Gallery whose SQLite file holds N subjects of one face (start-up cost);
+- load: open a Gallery whose SQLite file holds N subjects of one face (start-up cost),
+  beside the SQLite read alone and the int8 codes alone;
 - enrol: photos -> real pipeline -> Gallery.add_faces, faces per second (real models of
   ../shared; batch 1 as the real MobileFaceNet requires).
 
