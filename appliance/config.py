@@ -128,7 +128,8 @@ class Settings:
     # Store each enrolled face's aligned crop (off: privacy).
     gallery_keep_crops: bool = False
     # Faces from which search uses the approximate index (binary codes + re-rank); 0 = never.
-    gallery_ann_min_faces: int = 50_000
+    # Below it search is exact (int8 pre-scan + exact re-rank, docs/GALLERY.md).
+    gallery_ann_min_faces: int = 150_000
     # Stream tracking: recognise a track again after this many frames.
     track_recognize_every: int = 15
     # Frames a track survives without a matching detection.

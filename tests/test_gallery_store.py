@@ -60,6 +60,29 @@ def test_faces_and_subjects_survive_reopen(tmp_path: Path) -> None:
     assert result.matches[0].similarity == pytest.approx(1.0, abs=1e-5)
 
 
+def test_start_up_reads_faces_in_blocks_and_keeps_every_one(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from appliance.gallery import store
+
+    monkeypatch.setattr(store, "LOAD_BLOCK", 4)  # 11 faces: blocks of 4, 4 and 3
+    rng = np.random.default_rng(11)
+    vecs = unit(rng, 11)
+    g = Gallery(tmp_path / "g.db", REC)
+    ids = [g.add_faces(f"s{i % 3}", [NewFace(v)], create=i < 3)[0] for i, v in enumerate(vecs)]
+    g.delete_face(ids[5])
+    g.close()
+
+    g = Gallery(tmp_path / "g.db", REC)
+    for i, v in enumerate(vecs):
+        best = g.identify(v, top_k=3)[0].matches
+        if i == 5:
+            assert ids[5] not in [m.face_id for m in best]
+        else:
+            assert (best[0].subject, best[0].face_id) == (f"s{i % 3}", ids[i])
+    assert [len(g.subject_faces(f"s{j}")) for j in range(3)] == [4, 4, 2]
+
+
 def test_delete_subject_is_gone_from_search_at_once_and_from_the_file(tmp_path: Path) -> None:
     rng = np.random.default_rng(2)
     keep, gone = unit(rng), unit(rng, 2)

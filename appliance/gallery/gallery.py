@@ -35,7 +35,7 @@ from appliance.gallery.thresholds import effective_threshold
 
 log = structlog.get_logger(__name__)
 
-DEFAULT_ANN_MIN_FACES = 50_000
+DEFAULT_ANN_MIN_FACES = 150_000
 
 
 def normalize(
@@ -124,9 +124,15 @@ class Gallery:
                 self._index.add(ids, vecs)
             else:
                 self._index = ExactIndex.adopt(ids, mat)
-        for fid, name in zip(ids.tolist(), names, strict=True):
-            self._face_subject[fid] = name
-            self._subject_faces.setdefault(name, set()).add(fid)
+        fids = ids.tolist()
+        self._face_subject.update(zip(fids, names, strict=True))
+        by_subject = self._subject_faces
+        for fid, name in zip(fids, names, strict=True):
+            faces = by_subject.get(name)
+            if faces is None:
+                by_subject[name] = {fid}
+            else:
+                faces.add(fid)
         log.info(
             "gallery_loaded",
             path=str(self._store.path),

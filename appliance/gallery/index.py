@@ -1,11 +1,13 @@
 """In-memory vector indexes of unit-length embeddings, keyed by face id; similarity = dot
 product (cosine, as the vectors are unit length).
 
-`ExactIndex` keeps the embeddings in one float32 matrix and scores a query against all of
-them with one BLAS product: exact, and memory-bandwidth bound (100,000 x 512-d is 200 MB
-read per query). `ApproximateIndex`, for galleries past GALLERY_ANN_MIN_FACES, scans
-binary codes with FAISS and re-scores the best candidates exactly (docs/GALLERY.md has the
-measurements that chose it over an HNSW graph).
+`ExactIndex` keeps the embeddings in one float32 matrix and answers exactly, but reads a
+quarter of it per query: int8 codes of the rows, scanned by FAISS, rule out every row that
+provably cannot be in the top k, and the rest are re-scored from the float32 rows (exact.py
+has the proof). A float32 scan is memory-bandwidth bound: 100,000 x 512-d is 200 MB read
+per query, ~8 ms on the 2-vCPU VM. `ApproximateIndex`, for galleries past
+GALLERY_ANN_MIN_FACES, scans binary codes with FAISS and re-scores the best candidates
+exactly (docs/GALLERY.md has the measurements that chose it over an HNSW graph).
 
 Neither index locks: the gallery serialises access (see gallery.py).
 """
@@ -17,6 +19,16 @@ from typing import Any, Protocol
 import numpy as np
 import numpy.typing as npt
 
+from appliance.gallery.exact import (
+    SCALE_HEADROOM,
+    Int8Codes,
+    candidates,
+    exact_scores,
+    gemm_bound,
+    max_norm,
+    product,
+    rank,
+)
 from appliance.gallery.records import FloatArray
 
 IntArray = npt.NDArray[np.int64]
@@ -40,16 +52,37 @@ class VectorIndex(Protocol):
 
 class ExactIndex:
     """Brute force over a growable float32 matrix; delete moves the last row into the hole
-    so the live rows stay one contiguous block for BLAS."""
+    so the live rows stay one contiguous block for BLAS.
+
+    Search is exact (exact.py proves it): one query against INT8_MIN_ROWS rows or more scans
+    int8 codes of the matrix with FAISS and re-scores the candidates that scan cannot rule
+    out; a batch of GEMM_MIN_QUERIES or more, or a small matrix, takes one float32 product
+    as the filter instead (it reads the matrix once for the whole batch).
+    """
+
+    # Below this many rows the float32 product reads <= 32 MB (~1 ms) and the codes' scan
+    # saves little.
+    INT8_MIN_ROWS = 16_384
+    # From this many queries per call one GEMM (the matrix read once for all of them) costs
+    # less than one int8 scan per query: benchmarks/gallery_search.py measured a GEMM of 16
+    # at 0.14-0.20 of a GEMV per query, an int8 search at 0.28-0.34, so they cross near 4.
+    GEMM_MIN_QUERIES = 4
 
     def __init__(
-        self, dim: int, capacity: int = 1024, dtype: type[np.floating[Any]] = np.float32
+        self,
+        dim: int,
+        capacity: int = 1024,
+        dtype: type[np.floating[Any]] = np.float32,
+        *,
+        int8_codes: bool = True,
     ) -> None:
         self.dim = dim
         self._mat: npt.NDArray[Any] = np.empty((max(capacity, 1), dim), dtype)
         self._ids = np.empty(max(capacity, 1), np.int64)
         self._row: dict[int, int] = {}
         self._n = 0
+        self._max_norm = 0.0
+        self._codes = Int8Codes(dim) if int8_codes else None
 
     @classmethod
     def adopt(cls, ids: IntArray, matrix: FloatArray) -> ExactIndex:
@@ -59,8 +92,11 @@ class ExactIndex:
         index._mat = matrix
         index._ids = np.empty(len(matrix), np.int64)
         index._ids[: len(ids)] = ids
-        index._row = {fid: row for row, fid in enumerate(ids.tolist())}
+        index._row = dict(zip(ids.tolist(), range(len(ids)), strict=True))
         index._n = len(ids)
+        index._note_norms(matrix[: len(ids)])
+        if index._codes is not None and len(ids):
+            index._codes.rebuild(matrix[: len(ids)])
         return index
 
     def __len__(self) -> int:
@@ -84,6 +120,16 @@ class ExactIndex:
         for i, fid in enumerate(ids.tolist()):
             self._row[fid] = self._n + i
         self._n += m
+        self._note_norms(self._mat[self._n - m : self._n])
+        if self._codes is not None and m:
+            if self._codes.fits(vecs):
+                self._codes.add(self._mat[self._n - m : self._n])
+            else:  # a value past the int8 range: a new scale for every row
+                self._codes.rebuild(self._mat[: self._n], SCALE_HEADROOM)
+
+    def _note_norms(self, vecs: npt.NDArray[Any]) -> None:
+        # float32 norms are within ~2^-20 of the true ones; the slack keeps this an upper bound.
+        self._max_norm = max(self._max_norm, max_norm(vecs) * (1 + 2.0**-18))
 
     def remove(self, ids: IntArray) -> None:
         for fid in ids.tolist():
@@ -99,6 +145,8 @@ class ExactIndex:
             # Overwrite the freed row: a removed face leaves no copy in memory either.
             self._mat[last] = 0.0
             self._n = last
+            if self._codes is not None:
+                self._codes.move_last_to(row)
 
     def search(self, queries: FloatArray, k: int) -> tuple[FloatArray, IntArray]:
         m = queries.shape[0]
@@ -107,17 +155,48 @@ class ExactIndex:
         ids_out = np.full((m, k), -1, np.int64)
         if k_eff == 0:
             return sims_out, ids_out
-        # (m, n): one GEMM for a batch of queries, GEMV for one.
-        sims = queries @ self._mat[: self._n].T
-        if k_eff < self._n:
-            part = np.argpartition(-sims, k_eff - 1, axis=1)[:, :k_eff]
+        if self._codes is not None and self._n >= self.INT8_MIN_ROWS and m < self.GEMM_MIN_QUERIES:
+            rows = [
+                cand
+                if (cand := self._scan_codes(q, k_eff)) is not None
+                else self._scan_product(q[None], k_eff)[0]
+                for q in queries
+            ]
         else:
-            part = np.broadcast_to(np.arange(self._n), (m, self._n))
-        top = np.take_along_axis(sims, part, axis=1)
-        order = np.argsort(-top, axis=1, kind="stable")
-        sims_out[:, :k_eff] = np.take_along_axis(top, order, axis=1)
-        ids_out[:, :k_eff] = self._ids[np.take_along_axis(part, order, axis=1)]
+            rows = self._scan_product(queries, k_eff)
+        for i, cand in enumerate(rows):
+            if len(cand) > 4 * k_eff + 64:
+                # Many candidates (a wide int8 bound): narrow them with float32 first, so
+                # the float64 re-score below sees only the near-ties.
+                est = product(np.take(self._mat, cand, axis=0), queries[i])
+                bound = gemm_bound(queries[i : i + 1], self._max_norm)[0]
+                cand = cand[candidates(est, bound, k_eff)]
+            sims = exact_scores(self._mat, cand, queries[i])
+            sims_out[i, :k_eff], ids_out[i, :k_eff] = rank(sims, self._ids[cand], k_eff)
         return sims_out, ids_out
+
+    def _scan_product(self, queries: FloatArray, k: int) -> list[IntArray]:
+        """Candidate rows per query from one float32 product (GEMV, or GEMM for a batch)."""
+        est = queries @ self._mat[: self._n].T
+        bounds = gemm_bound(queries, self._max_norm)
+        return [candidates(e, b, k) for e, b in zip(est, bounds.tolist(), strict=True)]
+
+    def _scan_codes(self, query: FloatArray, k: int) -> IntArray | None:
+        """Candidate rows for one query from the int8 codes, or None when they are too many
+        for one scan. FAISS keeps the best `probe` estimates; when even the last of them is
+        above the candidates' floor, rows outside the list may be candidates too. Widening
+        the list costs FAISS's heap more than the float32 product then costs (4,096 kept:
+        ~3x a 512 scan), so the caller falls back to the product: near-duplicate faces by
+        the thousand, not the usual case."""
+        assert self._codes is not None
+        bound = float(self._codes.bound(query[None])[0])
+        probe = min(self._n, max(64 * k, 512))
+        est, rows = self._codes.scan(query[None], probe)
+        floor = est[0, k - 1] - 2 * bound
+        if probe < self._n and est[0, probe - 1] >= floor:
+            return None
+        found: IntArray = rows[0][(est[0] >= floor) & (rows[0] >= 0)]
+        return found
 
     def vectors(self, ids: IntArray) -> FloatArray:
         rows = [self._row[fid] for fid in ids.tolist()]
@@ -156,7 +235,7 @@ class ApproximateIndex:
         # IndexBinaryFlat wants whole bytes; packbits pads the last byte with zero bits.
         self._codes: Any = faiss.IndexBinaryFlat(-(-dim // 8) * 8)
         self._positions = np.empty(0, np.int64)  # face id at each code position
-        self._vectors = ExactIndex(dim, dtype=np.float16)
+        self._vectors = ExactIndex(dim, dtype=np.float16, int8_codes=False)
 
     def __len__(self) -> int:
         return len(self._vectors)
@@ -191,7 +270,8 @@ class ApproximateIndex:
         _, found = self._codes.search(self._pack(queries), min(n, max(k, self._rerank)))
         for i in range(m):
             cand = self._positions[found[i][found[i] >= 0]]
-            sims = self._vectors.vectors(cand) @ queries[i]
+            # On this thread, not OpenBLAS's: see exact.product.
+            sims = product(self._vectors.vectors(cand), queries[i])
             order = np.argsort(-sims, kind="stable")[:k]
             sims_out[i, : len(order)] = sims[order]
             ids_out[i, : len(order)] = cand[order]

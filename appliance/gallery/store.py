@@ -37,6 +37,8 @@ from appliance.gallery.errors import (
 from appliance.gallery.records import FaceRecord, FloatArray, NewFace, Recognizer, Subject
 
 MAX_NAME_LEN = 256
+# Faces read per block at start-up (4,096 x 2 KiB embeddings: 8 MiB of blobs at a time).
+LOAD_BLOCK = 4096
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -162,15 +164,21 @@ class GalleryStore:
             owners: list[str] = []
             mat: FloatArray = np.empty((0, 0), np.float32)
             # Rowid order and no join (a join with ORDER BY costs several times the plain
-            # scan); each blob is copied straight into one preallocated matrix, so start-up
-            # touches the embeddings' memory once instead of three times.
+            # scan). Rows come in blocks: one join of a block's blobs and one copy into the
+            # preallocated matrix, instead of a numpy call per face (100,000 of those were
+            # ~0.5 s of a 1.7 s start-up).
             cursor = self._db.execute("SELECT id, subject_id, embedding FROM faces ORDER BY id")
-            for i, (fid, sid, blob) in enumerate(cursor):
-                if i == 0:
-                    mat = np.empty((n + spare_rows, len(blob) // 4), np.float32)
-                ids[i] = fid
-                owners.append(names[sid])
-                mat[i] = np.frombuffer(blob, "<f4")
+            done = 0
+            while block := cursor.fetchmany(LOAD_BLOCK):
+                fids, sids, blobs = zip(*block, strict=True)
+                if done == 0:
+                    mat = np.empty((n + spare_rows, len(blobs[0]) // 4), np.float32)
+                stop = done + len(block)
+                ids[done:stop] = fids
+                owners.extend(map(names.__getitem__, sids))
+                flat = np.frombuffer(b"".join(blobs), "<f4")
+                mat[done:stop] = flat.reshape(len(block), mat.shape[1])
+                done = stop
         return ids, owners, mat
 
     def _subject_row(self, db: sqlite3.Connection, name: str) -> tuple[Any, ...]:
