@@ -36,7 +36,8 @@ from appliance.gallery.records import FloatArray
 log = structlog.get_logger("appliance.gallery")
 T = TypeVar("T")
 
-# Exact search of 50,000 faces takes a few ms; an approximate one at 1M, under 10 ms.
+# Exact search up to GALLERY_ANN_MIN_FACES (150,000) and the approximate one at 1M take a
+# few ms (docs/BENCHMARKS.md); the buckets resolve that range and the slow tail.
 SEARCH_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0)
 
 
