@@ -175,7 +175,8 @@ async def measure(
     window = Window()
     stop = asyncio.Event()
     tallies = [Tally() for _ in range(streams)]
-    samples: list[tuple[float, float, float, float]] = []  # t, det queue, rec queue, RSS
+    # t, detector queue, recognizer queue, stream frames in analysis, RSS
+    samples: list[tuple[float, float, float, float, float]] = []
 
     async def sampler(session: aiohttp.ClientSession) -> None:
         while not stop.is_set():
@@ -185,6 +186,7 @@ async def measure(
                     snap.at,
                     snap.get("appliance_queue_depth", model="detector"),
                     snap.get("appliance_queue_depth", model="recognizer"),
+                    snap.get("appliance_stream_frames_in_analysis"),
                     rss_mb(pid) if pid else float("nan"),
                 )
             )
@@ -234,7 +236,7 @@ def summarise(
     window: Window,
     before: Snapshot,
     after: Snapshot,
-    samples: list[tuple[float, float, float, float]],
+    samples: list[tuple[float, float, float, float, float]],
     client_cpu_s: float,
     streams: int,
     fps: float,
@@ -290,12 +292,14 @@ def summarise(
         "det_queue_peak": max((s[1] for s in inside), default=float("nan")),
         "det_queue_mean": statistics.fmean(s[1] for s in inside) if inside else float("nan"),
         "rec_queue_peak": max((s[2] for s in inside), default=float("nan")),
-        "rss_peak_mb": max((s[3] for s in inside), default=float("nan")),
+        "in_analysis_peak": max((s[3] for s in inside), default=float("nan")),
+        "frame_slots": after.get("appliance_stream_frame_slots"),
+        "rss_peak_mb": max((s[4] for s in inside), default=float("nan")),
         "rss_first_tenth_mb": max(
-            (s[3] for s in inside if s[0] < window.start + tenth), default=float("nan")
+            (s[4] for s in inside if s[0] < window.start + tenth), default=float("nan")
         ),
         "rss_last_tenth_mb": max(
-            (s[3] for s in inside if s[0] >= window.end - tenth), default=float("nan")
+            (s[4] for s in inside if s[0] >= window.end - tenth), default=float("nan")
         ),
         "server_cpu_ms_per_frame": (
             server_cpu * 1e3 / processed if server_cpu is not None and processed else float("nan")

@@ -314,7 +314,8 @@ def print_run(r: dict[str, Any]) -> None:
         f"{fmt(r['latency_p99_ms'], 0)} | {fmt(r['stream_p50_min_ms'], 0)}-"
         f"{fmt(r['stream_p50_max_ms'], 0)} ({r['streams_served']}/{n}) | "
         f"{fmt(r['det_queue_peak'], 0)} / {fmt(r['det_queue_mean'])} / "
-        f"{fmt(r['rec_queue_peak'], 0)} | {fmt(r['rss_peak_mb'], 0)} "
+        f"{fmt(r['rec_queue_peak'], 0)} | {fmt(r['in_analysis_peak'], 0)} / "
+        f"{fmt(r['frame_slots'], 0)} | {fmt(r['rss_peak_mb'], 0)} "
         f"({fmt(r['rss_first_tenth_mb'], 0)} -> {fmt(r['rss_last_tenth_mb'], 0)}) | "
         f"{fmt(r['server_cpu_ms_per_frame'], 0)}{cpu_alone} | {fmt(r['server_cores'], 2)} | "
         f"{fmt(r['client_cores'], 2)} |",
@@ -330,7 +331,8 @@ HEADERS = (
     "replaced (fps cap) | busy (queue full) | bad | results dropped | error messages |\n"
     "  work | streams | faces per frame served / alone | recognizer calls per frame served / "
     "alone | latency p50 / p90 / p99 ms | per-stream p50 min-max ms (streams served) | "
-    "detector queue peak / mean, recognizer queue peak | RSS peak MB (first -> last tenth) | "
+    "detector queue peak / mean, recognizer queue peak | stream frames in analysis peak / "
+    "slots | RSS peak MB (first -> last tenth) | "
     "CPU ms per frame server / models alone | server cores | client cores |"
 )
 
