@@ -264,7 +264,8 @@ def summarise(
         "fps_asked": fps,
         "window_s": seconds,
         "sent": sum(t.sent for t in tallies),
-        "received": delta(frames_metric),
+        # Frames whose fate was settled in the window: processed, replaced, busy or bad.
+        "settled": delta(frames_metric),
         "processed": processed,
         "served_fps": processed / seconds,
         "results": results,

@@ -297,7 +297,7 @@ def print_run(r: dict[str, Any]) -> None:
         flush=True,
     )
     print(
-        f"  drops | {n} | {r['sent']} | {r['received']:.0f} | {r['processed']:.0f} | "
+        f"  drops | {n} | {r['sent']} | {r['settled']:.0f} | {r['processed']:.0f} | "
         f"{r['dropped_replaced']:.0f} | {r['dropped_over_fps']:.0f} | {r['dropped_busy']:.0f} | "
         f"{r['bad']:.0f} | {r['results_dropped']:.0f} | {r['errors']} |",
         flush=True,
@@ -327,7 +327,7 @@ HEADERS = (
     "columns, per run:\n"
     "| streams | sent fps | served fps (server count) | results fps (client count) | "
     "detector busy | models alone fps before / after (way) | ratio | CPU ratio |\n"
-    "  drops | streams | frames sent | received | processed | replaced (in flight) | "
+    "  drops | streams | frames sent | settled (processed + dropped + bad) | processed | replaced (in flight) | "
     "replaced (fps cap) | busy (queue full) | bad | results dropped | error messages |\n"
     "  work | streams | faces per frame served / alone | recognizer calls per frame served / "
     "alone | latency p50 / p90 / p99 ms | per-stream p50 min-max ms (streams served) | "

@@ -70,7 +70,8 @@ class StreamDeps:
     decoder: ImageDecoder
     executor: Executor
     analyzer: FaceAnalyzer
-    slots: FrameSlots | None = None  # None: no limit across streams (tests of one stream)
+    # Shared by all streams; None only before start-up sizes them (`live_view`): no limit.
+    slots: FrameSlots | None = None
 
 
 class StreamRegistry:
