@@ -76,10 +76,13 @@ class Pipeline:
         order = self.det_info.output_order
         return values if order is None else [values[i] for i in order]
 
-    def run(self, prep: Prepared) -> None:
+    def run(self, prep: Prepared) -> int:
+        """Both models on one frame, as the appliance runs them; returns recognizer calls."""
         self.det.infer(prep.canvas[None])
         if len(prep.crops):
             self.rec.infer(prep.crops)
+            return 1
+        return 0
 
     def close(self) -> None:
         self.det.close()
@@ -87,20 +90,49 @@ class Pipeline:
 
 
 def prepare(models: Path, data: bytes) -> Prepared:
-    img = ImageDecoder.create(100_000_000).decode(data)
-    canvas, scale = letterbox(img, SIZE)
+    return prepare_many(models, [data])[0]
+
+
+def prepare_many(models: Path, images: list[bytes]) -> list[Prepared]:
+    """Each image's detector canvas and aligned crops, found by the real detector at the
+    appliance's default threshold (0.6); one pipeline for all (loading one costs seconds)."""
+    decoder = ImageDecoder.create(100_000_000)
     pipe = Pipeline(models, 1, 1)
-    found = decode_scrfd(pipe.outputs(pipe.det.infer(canvas[None])), SIZE, 0.6, scale)
+    out = []
+    for data in images:
+        img = decoder.decode(data)
+        canvas, scale = letterbox(img, SIZE)
+        found = decode_scrfd(pipe.outputs(pipe.det.infer(canvas[None])), SIZE, 0.6, scale)
+        points = [d.landmarks for d in found if d.landmarks is not None]
+        landmarks = np.stack(points) if points else np.empty((0, 5, 2), np.float32)
+        out.append(Prepared(data, canvas, align.align_faces(img, landmarks)))
     pipe.close()
-    points = [d.landmarks for d in found if d.landmarks is not None]
-    landmarks = np.stack(points) if points else np.empty((0, 5, 2), np.float32)
-    return Prepared(data, canvas, align.align_faces(img, landmarks))
+    return out
 
 
-def limit(models: Path, prep: Prepared | list[Prepared], seconds: float, per_core: bool) -> float:
-    """Images per second through both models, `per_core` or one shared pipeline; a list of
-    images (video frames) is cycled through."""
-    preps = prep if isinstance(prep, list) else [prep]
+@dataclasses.dataclass(frozen=True)
+class LimitRun:
+    """One models-alone measurement: what was run, for how long, at what CPU cost."""
+
+    way: str  # "shared" or "per-core"
+    frames: int
+    seconds: float
+    cpu_s: float  # this process's user + system time over the loop (all its threads)
+    faces: int  # crops through the recognizer
+    rec_calls: int
+
+    @property
+    def fps(self) -> float:
+        return self.frames / self.seconds
+
+    @property
+    def cpu_ms_per_frame(self) -> float:
+        return self.cpu_s * 1e3 / max(self.frames, 1)
+
+
+def measure(models: Path, preps: list[Prepared], seconds: float, per_core: bool) -> LimitRun:
+    """Frames per second through both models, `per_core` or one shared pipeline, cycling
+    through `preps` (a photo, or the frames of a video)."""
     most = max(len(p.crops) for p in preps)
     cores = os.cpu_count() or 1
     count = cores if per_core else 1
@@ -108,25 +140,36 @@ def limit(models: Path, prep: Prepared | list[Prepared], seconds: float, per_cor
     for pipe in pipes:
         pipe.run(preps[0])  # first runs allocate
     done = [0] * count
+    faces = [0] * count
+    calls = [0] * count
     end = time.perf_counter() + seconds
 
     def loop(i: int) -> None:
-        k = i
+        # Each pipeline starts at its own frame so that parallel ones do not run in step.
+        k = i * len(preps) // count
         while time.perf_counter() < end:
-            pipes[i].run(preps[k % len(preps)])
+            prep = preps[k % len(preps)]
+            calls[i] += pipes[i].run(prep)
+            faces[i] += len(prep.crops)
             done[i] += 1
             k += 1
 
-    start = time.perf_counter()
+    cpu0, start = time.process_time(), time.perf_counter()
     threads = [threading.Thread(target=loop, args=(i,)) for i in range(count)]
     for t in threads:
         t.start()
     for t in threads:
         t.join()
-    elapsed = time.perf_counter() - start
+    elapsed, cpu = time.perf_counter() - start, time.process_time() - cpu0
     for pipe in pipes:
         pipe.close()
-    return sum(done) / elapsed
+    way = "per-core" if per_core else "shared"
+    return LimitRun(way, sum(done), elapsed, cpu, sum(faces), sum(calls))
+
+
+def limit(models: Path, prep: Prepared | list[Prepared], seconds: float, per_core: bool) -> float:
+    """Images per second through both models (`measure`); a single photo or a list."""
+    return measure(models, prep if isinstance(prep, list) else [prep], seconds, per_core).fps
 
 
 def response(faces: int, vecs: np.ndarray, use_msgpack: bool) -> bytes:

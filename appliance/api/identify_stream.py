@@ -15,8 +15,9 @@ from aiohttp import web
 
 from appliance.api.identify import LiveFaces
 from appliance.api.policy import LoadPolicy
+from appliance.api.stream_frames import Frame
 from appliance.api.stream_protocol import ResultMessage, StreamConfig
-from appliance.api.stream_session import Frame, Stream, StreamDeps
+from appliance.api.stream_session import Stream, StreamDeps
 from appliance.api.wire import FaceOut
 from appliance.pipeline.faces import ImageResult
 from appliance.pipeline.images import ImageArray

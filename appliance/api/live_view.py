@@ -15,6 +15,7 @@ from appliance.api import state
 from appliance.api.identify import live_factory
 from appliance.api.identify_stream import IdentifyingStream
 from appliance.api.metrics import StreamMetrics
+from appliance.api.stream_frames import FrameSlots
 from appliance.api.stream_session import (
     CLOSE_SHUTDOWN,
     CLOSE_TRY_AGAIN,
@@ -44,7 +45,12 @@ async def stream_handler(request: web.Request) -> web.WebSocketResponse:
         return ws
     stream_id = f"s{next(registry.ids)}"
     deps = StreamDeps(
-        settings, metrics, app[state.DECODER], app[state.EXECUTOR], app[state.ANALYZER]
+        settings,
+        metrics,
+        app[state.DECODER],
+        app[state.EXECUTOR],
+        app[state.ANALYZER],
+        registry.slots,
     )
     live = functools.partial(live_factory, app[state.GALLERY], app[state.ANALYZER], settings)
     stream = IdentifyingStream(deps, ws, stream_id, app[state.POLICY].current, live)
@@ -111,6 +117,16 @@ async def policy_subscription_ctx(app: web.Application) -> AsyncIterator[None]:
     unsubscribe()
 
 
+async def frame_slots_ctx(app: web.Application) -> AsyncIterator[None]:
+    """Size the streams' shared frame slots from the detector (after the models' context)."""
+    batcher = app[state.ANALYZER].detector.batcher
+    slots = FrameSlots.for_detector(batcher.workers, batcher.max_batch)
+    app[state.STREAMS].slots = slots
+    app[state.STREAM_METRICS].in_analysis.set_function(lambda: slots.in_use)
+    app[state.STREAM_METRICS].slots.set(slots.size)
+    yield
+
+
 async def index(request: web.Request) -> web.FileResponse:
     return web.FileResponse(STATIC_DIR / "index.html")
 
@@ -125,7 +141,7 @@ def setup_streams(app: web.Application) -> None:
         "max_streams": app[state.SETTINGS].max_streams,
         "stream_max_fps": app[state.SETTINGS].stream_max_fps,
     }
-    app.cleanup_ctx.append(policy_subscription_ctx)
+    app.cleanup_ctx.extend([policy_subscription_ctx, frame_slots_ctx])
     app.on_shutdown.append(close_streams_on_shutdown)
     app.router.add_get("/ws/stream", stream_handler, name="ws_stream")
     app.router.add_get("/", index, name="live_view")

@@ -112,6 +112,14 @@ class StreamMetrics:
         self.closed = Counter(
             "appliance_streams_closed_total", "Streams closed, by close code", ["code"], registry=r
         )
+        self.in_analysis = Gauge(
+            "appliance_stream_frames_in_analysis",
+            "Stream frames between taking a slot and their result, all streams",
+            registry=r,
+        )
+        self.slots = Gauge(
+            "appliance_stream_frame_slots", "Stream frames allowed in analysis at once", registry=r
+        )
         self.latency = Histogram(
             "appliance_stream_latency_seconds",
             "Frame received to result queued",

@@ -1,15 +1,18 @@
 """One live stream: a reader, a worker and a writer around one WebSocket (docs/STREAMS.md).
 
 The reader (`run`) puts each frame into the single *waiting* slot, where a newer frame replaces
-it (latest-frame-wins); the worker takes it no sooner than the fps cap allows and runs it
-through the shared batchers, so at most one frame per stream is in flight; the writer drains a
-bounded outbox, dropping the oldest results of a client that does not read. The session knows
-no app: what it needs is handed in (`StreamDeps`); `api/live_view.py` wires it.
+it (latest-frame-wins); the worker takes it no sooner than the fps cap allows and once one of
+the frame slots shared by all streams is free (`stream_frames.FrameSlots`), and runs it
+through the shared batchers, so at most one frame per stream is in flight and a constant
+number across all streams; the writer drains a bounded outbox, dropping the oldest results of
+a client that does not read. The session knows no app: what it needs is handed in
+(`StreamDeps`); `api/live_view.py` wires it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import itertools
 import time
@@ -18,7 +21,6 @@ from collections.abc import Coroutine
 from concurrent.futures import Executor
 from typing import Any
 
-import numpy as np
 import structlog
 from aiohttp import WebSocketError, WSCloseCode, WSMsgType, web
 
@@ -26,6 +28,7 @@ from appliance.api.admission import decode_admitted
 from appliance.api.face_wire import face_out
 from appliance.api.metrics import StreamMetrics
 from appliance.api.policy import LoadPolicy
+from appliance.api.stream_frames import Counters, Frame, FrameSlots, percentile
 from appliance.api.stream_protocol import (
     BadConfig,
     BadMessage,
@@ -67,6 +70,8 @@ class StreamDeps:
     decoder: ImageDecoder
     executor: Executor
     analyzer: FaceAnalyzer
+    # Shared by all streams; None only before start-up sizes them (`live_view`): no limit.
+    slots: FrameSlots | None = None
 
 
 class StreamRegistry:
@@ -76,39 +81,12 @@ class StreamRegistry:
         self.streams: dict[str, Stream] = {}
         self.ids = itertools.count(1)
         self.shutting_down = False
+        # Set at start-up, once the detector's workers and batch are known (live_view).
+        self.slots: FrameSlots | None = None
 
     def on_policy(self, policy: LoadPolicy) -> None:
         for stream in list(self.streams.values()):
             stream.apply_policy(policy)
-
-
-@dataclasses.dataclass
-class Frame:
-    data: bytes
-    seq: int
-    ts: Any
-    received: float  # perf_counter() when the frame arrived
-
-
-@dataclasses.dataclass
-class Counters:
-    received: int = 0
-    processed: int = 0
-    replaced: int = 0  # a newer frame took the waiting slot while one was in flight
-    over_fps: int = 0  # replaced while the worker waited for the fps cap
-    busy: int = 0  # the shared batcher queue was full
-    bad: int = 0  # not an image, or failed to decode
-    results_dropped: int = 0  # the client did not read them in time
-
-    @property
-    def dropped(self) -> int:
-        return self.replaced + self.over_fps + self.busy
-
-
-def percentile(values: list[float], q: float) -> float | None:
-    if not values:
-        return None
-    return round(float(np.percentile(np.asarray(values), q)), 3)
 
 
 class Stream:
@@ -314,30 +292,37 @@ class Stream:
                     await asyncio.sleep(delay)
                 finally:
                     self.pacing = False
-            frame, self.waiting = self.waiting, None
-            if frame is None:
-                continue
-            start = self.last_start = time.perf_counter()
-            try:
-                result = await self.process(frame)
-            except ImageError as exc:
-                self.bad_message(str(exc), frame.seq)
-                continue
-            except QueueFullError:
-                # A full batcher queue or pixel budget: this frame is dropped as busy.
-                self.counters.busy += 1
-                self.metrics.frames.labels("busy").inc()
-                continue
-            except BatcherClosedError:
-                self.request_close(CLOSE_SHUTDOWN, "server shutdown")
-                return
-            done = time.perf_counter()
-            latency = done - frame.received
-            self.counters.processed += 1
-            self.latencies.append(latency * 1e3)
-            self.metrics.frames.labels("processed").inc()
-            self.metrics.latency.observe(latency)
-            self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
+            # A shared slot first (`FrameSlots`): frames that arrive while this stream waits
+            # for one replace the waiting frame, so the newest frame is the one analysed.
+            async with self.deps.slots or contextlib.nullcontext():
+                frame, self.waiting = self.waiting, None
+                if frame is not None and not await self.handle(frame):
+                    return
+
+    async def handle(self, frame: Frame) -> bool:
+        """Analyse one frame and queue its result; False when the server is shutting down."""
+        start = self.last_start = time.perf_counter()
+        try:
+            result = await self.process(frame)
+        except ImageError as exc:
+            self.bad_message(str(exc), frame.seq)
+            return True
+        except QueueFullError:
+            # A full batcher queue or pixel budget: this frame is dropped as busy.
+            self.counters.busy += 1
+            self.metrics.frames.labels("busy").inc()
+            return True
+        except BatcherClosedError:
+            self.request_close(CLOSE_SHUTDOWN, "server shutdown")
+            return False
+        done = time.perf_counter()
+        latency = done - frame.received
+        self.counters.processed += 1
+        self.latencies.append(latency * 1e3)
+        self.metrics.frames.labels("processed").inc()
+        self.metrics.latency.observe(latency)
+        self.enqueue(self.result_message(frame, result, (done - start) * 1e3))
+        return True
 
     async def process(self, frame: Frame) -> ImageResult:
         deps = self.deps  # admission (probe, reserve pixels), decode; pixels held until done
