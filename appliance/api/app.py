@@ -8,7 +8,6 @@ never a user's first request.
 from __future__ import annotations
 
 import asyncio
-import os
 from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
@@ -29,13 +28,6 @@ from appliance.pipeline.faces import FaceAnalyzer
 from appliance.pipeline.images import ImageDecoder
 
 log = structlog.get_logger("appliance.app")
-
-
-async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
-    executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
-    app[state.EXECUTOR] = executor
-    yield
-    executor.shutdown(wait=True, cancel_futures=True)
 
 
 def start_batchers(
@@ -86,11 +78,19 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
     det, rec = loaded.detector, loaded.recognizer
+    # Sized from the process's one thread budget (CPU_THREADS, `backends.threads`), which is
+    # only known once the backend is chosen: a pool sized to the whole machine beside ONNX
+    # Runtime's own threads would oversubscribe the cores.
+    executor = ThreadPoolExecutor(
+        max_workers=loaded.threads.executor_threads, thread_name_prefix="cpu"
+    )
+    app[state.EXECUTOR] = executor
     try:
         det_batcher, rec_batcher = start_batchers(app, loaded)
     except BaseException:
         # Anything failing after the backends opened must not leave them (and their device
         # memory) open: aiohttp runs a context's cleanup only once it has yielded.
+        executor.shutdown(wait=False, cancel_futures=True)
         loaded.close()
         raise
     models = app[state.MODELS]
@@ -114,6 +114,7 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     models.loaded = False
     await det_batcher.stop()
     await rec_batcher.stop()
+    executor.shutdown(wait=True, cancel_futures=True)
     loaded.close()
 
 
@@ -141,7 +142,7 @@ def create_app(settings: Settings) -> web.Application:
     app[state.INFO_PROVIDERS] = {}
     app[state.READINESS_CHECKS] = {}
     app[state.POLICY] = PolicyBoard()
-    app.cleanup_ctx.extend([executor_ctx, models_ctx, watchdog_ctx, url_session_ctx])
+    app.cleanup_ctx.extend([models_ctx, watchdog_ctx, url_session_ctx])
     app.add_routes(rest.routes)
     app.add_routes(service_routes.routes)
     openapi.setup_docs(app)
