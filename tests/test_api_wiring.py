@@ -9,7 +9,10 @@ import os
 import threading
 from typing import Any
 
+import pytest
+
 from appliance.api import state
+from appliance.pipeline.nvjpeg import load as load_nvjpeg
 
 
 async def test_executor_runs_as_many_jobs_at_once_as_the_thread_budget(serve: Any) -> None:
@@ -23,3 +26,24 @@ async def test_executor_runs_as_many_jobs_at_once_as_the_thread_budget(serve: An
     waits = [loop.run_in_executor(executor, barrier.wait) for _ in range(budget)]
     # Barrier.wait returns each party's distinct arrival index once all have arrived.
     assert sorted(await asyncio.gather(*waits)) == list(range(budget))
+
+
+async def test_info_says_nvjpeg_is_unavailable_and_why_when_asked_for(serve: Any) -> None:
+    if load_nvjpeg(True)[0] is not None:
+        pytest.skip("nvImageCodec with a GPU is present on this host")
+    client = await serve(use_nvjpeg=True)
+    info = await (await client.get("/info")).json()
+    assert info["nvjpeg"]["requested"] is True and info["nvjpeg"]["in_use"] is False
+    assert info["nvjpeg"]["status"].startswith("not available: nvImageCodec is not installed")
+    assert info["jpeg_decoder"] in ("turbojpeg", "opencv")
+    # The field is declared, so clients see it in the schema.
+    spec = await (await client.get("/openapi.json")).json()
+    schemas = spec["components"]["schemas"]
+    assert "nvjpeg" in schemas["InfoResponse"]["required"]
+    assert set(schemas["NvJpegInfo"]["properties"]) == {"requested", "in_use", "status"}
+
+
+async def test_info_says_nvjpeg_is_off_by_default(serve: Any) -> None:
+    client = await serve()
+    info = await (await client.get("/info")).json()
+    assert info["nvjpeg"] == {"requested": False, "in_use": False, "status": "off (USE_NVJPEG=0)"}

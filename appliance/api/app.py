@@ -133,7 +133,14 @@ def create_app(settings: Settings) -> web.Application:
     app[state.SETTINGS] = settings
     app[state.METRICS] = Metrics()
     app[state.DECODER] = ImageDecoder.create(
-        settings.max_image_pixels, max_pixels_in_flight=settings.max_pixels_in_flight
+        settings.max_image_pixels,
+        max_pixels_in_flight=settings.max_pixels_in_flight,
+        use_nvjpeg=settings.use_nvjpeg,
+    )
+    log.info(
+        "jpeg_decoder_chosen",
+        library=app[state.DECODER].jpeg_library,
+        nvjpeg=app[state.DECODER].nvjpeg_status,
     )
     budget = app[state.DECODER].budget
     app[state.METRICS].pixels_in_flight.set_function(lambda: budget.in_use)
