@@ -41,6 +41,9 @@ def start_batchers(
     def observer(model: str) -> Callable[[list[str], float], None]:
         return lambda tags, seconds: metrics.observe_batch(model, tags, seconds)
 
+    def submitted(model: str) -> Callable[[str, int], None]:
+        return lambda tag, _items: metrics.observe_submission(model, tag)
+
     det_batcher = DynamicBatcher(
         "detector",
         det.backend.infer,
@@ -48,6 +51,7 @@ def start_batchers(
         settings.batch_window_ms,
         settings.max_queue,
         observer("detector"),
+        submitted("detector"),
     )
     rec_batcher = DynamicBatcher(
         "recognizer",
@@ -56,6 +60,7 @@ def start_batchers(
         settings.batch_window_ms,
         settings.max_queue,
         observer("recognizer"),
+        submitted("recognizer"),
     )
     metrics.queue_depth.labels("detector").set_function(lambda: det_batcher.depth)
     metrics.queue_depth.labels("recognizer").set_function(lambda: rec_batcher.depth)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from functools import partial
 
 import cv2
 import numpy as np
@@ -77,54 +77,84 @@ async def image_bytes(app: web.Application, req: ParsedExtract, index: int) -> b
         return exc
 
 
-async def analyze_one(
-    app: web.Application, req: ParsedExtract, index: int, held: list[Reservation] | None
-) -> Outcome:
-    """One image: bytes -> admission (probe, reserve) -> decode -> detect/embed.
-
-    Its pixels are released as soon as its analysis is done, unless `held` is given (the
-    caller still needs the image: /draw_detections); then the caller releases them.
-    """
+async def admit(
+    app: web.Application, req: ParsedExtract, index: int, held: list[Reservation]
+) -> tuple[ImageArray, Reservation] | ApiError | ImageError:
+    """Image `index`: bytes -> admission (probe, reserve) -> decode. Its reservation joins
+    `held` the moment it exists, so the group releases it whatever happens next; a bad image
+    is returned as its own failure, a full budget raises (503 for the request)."""
     raw = await image_bytes(app, req, index)
     if isinstance(raw, ApiError):
-        return None, raw
+        return raw
     try:
         img, reservation = await decode_admitted(app[state.DECODER], app[state.EXECUTOR], raw)
     except ImageError as exc:
-        return None, exc
-    del raw
+        return exc
+    held.append(reservation)
+    return img, reservation
+
+
+async def analyze_group(
+    app: web.Application, req: ParsedExtract, indices: range, keep: list[Reservation] | None
+) -> list[Outcome]:
+    """A group of images admitted and decoded together (the first 503 cancels the rest), then
+    analysed together: the detector's batcher groups their detections and the crops of all of
+    them go to the recognizer in one submission.
+
+    Their pixels are released when the group is done, except image 0's when `keep` is given
+    (/draw_detections still draws it): its reservation goes to `keep` for the caller.
+    """
+    held: list[Reservation] = []
+    kept: Reservation | None = None
     try:
+        jobs = [partial(admit, app, req, i, held) for i in indices]
+        admitted = await run_all(jobs, len(jobs))
+        images = [a[0] for a in admitted if isinstance(a, tuple)]
         analyzer = app[state.ANALYZER]
         if req.request.embed_only:
-            result = await analyzer.embed_only(img)
+            results = iter(await analyzer.embed_many(images))
         else:
-            result = await analyzer.analyze(img, req.options())
-    except BaseException:
-        reservation.release()
-        raise
-    if held is None:
-        reservation.release()
-        return None, result
-    held.append(reservation)
-    return img, result
+            results = iter(await analyzer.analyze_many(images, req.options()))
+        outcomes: list[Outcome] = []
+        for index, item in zip(indices, admitted, strict=True):
+            if not isinstance(item, tuple):
+                outcomes.append((None, item))
+            elif index == 0 and keep is not None:
+                kept = item[1]
+                outcomes.append((item[0], next(results)))
+            else:
+                outcomes.append((None, next(results)))
+        return outcomes
+    finally:
+        for reservation in held:
+            if reservation is kept and keep is not None:
+                keep.append(reservation)
+            else:
+                reservation.release()
 
 
 async def run_analysis(
     app: web.Application, req: ParsedExtract, held: list[Reservation] | None = None
 ) -> list[Outcome]:
-    """Every image of the request, REQUEST_IMAGE_CONCURRENCY at a time; one 503 stops them all."""
+    """Every image of the request, REQUEST_IMAGE_CONCURRENCY at a time; one 503 stops them all.
+
+    Images go in groups of REQUEST_IMAGE_CONCURRENCY: a group holds at most that many decoded
+    images, as many as one image at a time each did before, and the next group starts when
+    its pixels are released.
+    """
     ensure_accepting(app)
     settings = app[state.SETTINGS]
+    size = max(1, settings.request_image_concurrency)
 
-    def job(index: int) -> Callable[[], Awaitable[Outcome]]:
-        # Only /draw_detections' first image is kept decoded past its analysis.
-        return lambda: analyze_one(app, req, index, held if index == 0 else None)
+    async def run() -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for start in range(0, req.count, size):
+            group = range(start, min(start + size, req.count))
+            outcomes += await analyze_group(app, req, group, held)
+        return outcomes
 
     try:
-        return await asyncio.wait_for(
-            run_all([job(i) for i in range(req.count)], settings.request_image_concurrency),
-            settings.request_timeout_s,
-        )
+        return await asyncio.wait_for(run(), settings.request_timeout_s)
     except QueueFullError as exc:
         app[state.METRICS].queue_rejections.labels(str(exc).split()[0]).inc()
         raise ServiceUnavailable(

@@ -35,6 +35,8 @@ RunBatch = Callable[[ItemArray], Outputs]
 # (tags of the batch's items, seconds the backend took); the API turns these into metrics.
 # Tags say where each item came from ("rest", "stream"), so shared batches are visible.
 BatchObserver = Callable[[list[str], float], None]
+# (tag, items) of one accepted submission: a request's crops should be one, not one per image.
+SubmitObserver = Callable[[str, int], None]
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,7 @@ class DynamicBatcher:
         window_ms: float,
         max_queue: int,
         observer: BatchObserver | None = None,
+        submit_observer: SubmitObserver | None = None,
     ) -> None:
         """`run_batch` is a function of a stacked batch, or a `WorkerPool` (also given as its
         bound `infer`): then one worker thread drives each member, assembling each batch in
@@ -105,6 +108,7 @@ class DynamicBatcher:
         elif not isinstance(run_batch, WorkerPool):
             self._run_batch: RunBatch = run_batch
         self._observer = observer
+        self._submit_observer = submit_observer
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -172,6 +176,15 @@ class DynamicBatcher:
                 )
             self._queue.extend(queued)
             self._cond.notify()
+        if self._submit_observer is not None:
+            try:
+                self._submit_observer(tag, len(queued))
+            except Exception as exc:  # metrics must never stop inference
+                log.error(
+                    "submit_observer_failed",
+                    batcher=self.name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
         try:
             return list(await asyncio.gather(*(q.future for q in queued)))
         except asyncio.CancelledError:

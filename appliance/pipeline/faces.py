@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 from concurrent.futures import Executor
 from typing import Any, TypeVar
 
@@ -164,7 +164,7 @@ class FaceAnalyzer:
         """Every image of a request: detections run concurrently (the detector's batcher
         groups them), then the crops of all images go to the recognizer in one submission."""
         decoded = [i if isinstance(i, Decoded) else Decoded(i, 1.0, 1.0) for i in images]
-        detected = await asyncio.gather(*(self._detect(image, options) for image in decoded))
+        detected = await _all_or_none([self._detect(image, options) for image in decoded])
         results = [ImageResult(faces, timings) for faces, _, timings in detected]
         faces = [face for found, _, _ in detected for face in found]
         if faces and options.extract_embedding:
@@ -179,16 +179,25 @@ class FaceAnalyzer:
 
     async def embed_only(self, img: ImageArray, source: str = "rest") -> ImageResult:
         """The image is already an aligned crop: resize to 112x112 and embed it."""
+        return (await self.embed_many([img], source))[0]
+
+    async def embed_many(
+        self, images: Sequence[ImageArray], source: str = "rest"
+    ) -> list[ImageResult]:
+        """Each image is already an aligned crop: all are embedded in one submission."""
         t0 = time.perf_counter()
-        h, w = img.shape[:2]
-        crop = (
-            img
-            if (h, w) == (align.CROP_SIZE, align.CROP_SIZE)
-            else await self._cpu(_resize_crop, img)
-        )
-        face = Face(bbox=(0.0, 0.0, float(w), float(h)), prob=1.0, landmarks=None)
-        await self._embed_into([face], [crop], source)
-        return ImageResult(faces=[face], timings_ms={"embed_ms": (time.perf_counter() - t0) * 1e3})
+        crops = []
+        for img in images:
+            square = img.shape[:2] == (align.CROP_SIZE, align.CROP_SIZE)
+            crops.append(img if square else await self._cpu(_resize_crop, img))
+        faces = [
+            Face(bbox=(0.0, 0.0, float(i.shape[1]), float(i.shape[0])), prob=1.0, landmarks=None)
+            for i in images
+        ]
+        if faces:
+            await self._embed_into(faces, crops, source)
+        elapsed = (time.perf_counter() - t0) * 1e3
+        return [ImageResult(faces=[face], timings_ms={"embed_ms": elapsed}) for face in faces]
 
     async def _embed_into(
         self, faces: list[Face], crops: ImageArray | list[ImageArray], source: str
@@ -209,6 +218,20 @@ class FaceAnalyzer:
         for face, vec, norm in zip(faces, vecs, norms, strict=True):
             face.vec = vec
             face.norm = float(norm)
+
+
+async def _all_or_none(jobs: Sequence[Awaitable[T]]) -> list[T]:
+    """Results in order; the first failure (a full queue) cancels the other jobs and waits for
+    them, so the caller that then releases the images' pixels knows nothing still uses them
+    (plain gather would leave the siblings running)."""
+    tasks = [asyncio.ensure_future(job) for job in jobs]
+    try:
+        return list(await asyncio.gather(*tasks))
+    except BaseException:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        raise
 
 
 @dataclasses.dataclass(frozen=True)
