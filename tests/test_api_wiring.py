@@ -9,10 +9,14 @@ import os
 import threading
 from typing import Any
 
+import cv2
+import numpy as np
 import pytest
+from aiohttp import FormData
 
 from appliance.api import state
 from appliance.pipeline.nvjpeg import load as load_nvjpeg
+from tests.conftest import PLANTED
 from tests.helpers import b64, jpeg
 from tests.test_api import metric
 
@@ -80,4 +84,54 @@ async def test_a_bad_image_in_a_group_fails_alone_and_holds_no_pixels(serve: Any
     assert len(data[0]["faces"]) == 3 and len(data[2]["faces"]) == 3
     text = await (await client.get("/metrics")).text()
     assert metric(text, "appliance_batch_submissions_total", model="recognizer") == 1
+    assert client.app[state.DECODER].budget.in_use == 0
+
+
+def black_png(width: int = 1280, height: int = 960) -> bytes:
+    ok, buf = cv2.imencode(".png", np.zeros((height, width, 3), np.uint8))
+    assert ok
+    return bytes(buf.tobytes())
+
+
+def assert_drawn(jpeg_bytes: bytes) -> None:
+    """The planted faces' boxes (green) and landmarks (red) on the black first image."""
+    drawn = cv2.imdecode(np.frombuffer(jpeg_bytes, np.uint8), cv2.IMREAD_COLOR)
+    assert drawn.shape == (960, 1280, 3)
+    # 1280x960 letterboxes into 640x640 at 0.5: twice the detector-input coordinates. The
+    # third planted face lies partly below the image (in the letterbox's padding).
+    for face in PLANTED[:2]:
+        x1, y1, x2, y2 = (round(v * 2) for v in face.bbox)
+        assert drawn[(y1 + y2) // 2, x1 - 1 : x1 + 3, 1].max() > 150  # left edge is green
+        assert drawn[(y1 + y2) // 2, x2 - 3 : x2 + 1, 1].max() > 150  # right edge is green
+        for x, y in face.landmarks:
+            assert drawn[round(y * 2), round(x * 2), 2] > 150  # a red landmark dot
+    assert drawn[5, 640].max() < 40  # away from the faces it stays black
+
+
+async def test_draw_detections_analyses_only_the_first_image_without_the_recognizer(
+    serve: Any,
+) -> None:
+    client = await serve()
+    others = [b64(jpeg(1280, 960, seed=i)) for i in range(3)]
+    resp = await client.post(
+        "/draw_detections",
+        json={
+            "images": {"data": [b64(black_png()), *others, b64(b"not an image")]},
+            "extract_embedding": True,  # asked for, but a drawing shows no embedding
+            "return_face_data": True,
+        },
+    )
+    assert resp.status == 200 and resp.content_type == "image/jpeg"
+    assert_drawn(await resp.read())
+    form = FormData()
+    form.add_field("images", black_png(), filename="a.png", content_type="image/png")
+    form.add_field("images", jpeg(1280, 960), filename="b.jpg", content_type="image/jpeg")
+    resp = await client.post("/multipart/draw_detections", data=form)
+    assert resp.status == 200 and resp.content_type == "image/jpeg"
+    assert_drawn(await resp.read())
+    text = await (await client.get("/metrics")).text()
+    # One detector submission per request (its first image), no recognizer work at all.
+    assert metric(text, "appliance_batch_submissions_total", model="detector") == 2
+    assert metric(text, "appliance_batch_submissions_total", model="recognizer") == 0
+    assert metric(text, "appliance_backend_calls_total", model="recognizer") == 0
     assert client.app[state.DECODER].budget.in_use == 0

@@ -7,10 +7,12 @@ analyse the images, encode the response type (`responses`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
 from functools import partial
 
 import cv2
+import msgspec
 import numpy as np
 from aiohttp import web
 
@@ -227,10 +229,21 @@ async def extract_response(
     return await respond(request, build, req.request.msgpack, faces=faces)
 
 
+def first_image_detections(req: ParsedExtract) -> ParsedExtract:
+    """/draw_detections draws the first image's boxes and landmarks only: that image alone is
+    analysed, without embeddings or face data (as InsightFace-REST's draw asks its model), so
+    the recognizer does no work for a picture that shows none of it."""
+    request = msgspec.structs.replace(
+        req.request, extract_embedding=False, return_face_data=False, embed_only=False
+    )
+    data, urls = (req.data[:1], []) if req.data else ([], req.urls[:1])
+    return dataclasses.replace(req, request=request, data=data, urls=urls)
+
+
 async def draw_response(request: web.Request, req: ParsedExtract) -> web.Response:
     held: list[Reservation] = []
     try:
-        results = await run_analysis(request.app, req, held)
+        results = await run_analysis(request.app, first_image_detections(req), held)
         img, result = results[0]
         if isinstance(result, (ApiError, ImageError)) or img is None:
             message = result.message if isinstance(result, ApiError) else str(result)
