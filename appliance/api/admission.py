@@ -19,7 +19,7 @@ from concurrent.futures import Executor
 from typing import TypeVar
 
 from appliance.pipeline.budget import Reservation
-from appliance.pipeline.images import ImageArray, ImageDecoder
+from appliance.pipeline.images import Decoded, ImageArray, ImageDecoder
 
 T = TypeVar("T")
 
@@ -44,6 +44,24 @@ async def decode_admitted(
         held.release()
         raise
     return img, held
+
+
+async def decode_admitted_for(
+    decoder: ImageDecoder, executor: Executor, raw: bytes, fit: tuple[int, int]
+) -> tuple[Decoded, Reservation]:
+    """`decode_admitted` for a detector input of `fit`: a JPEG at least twice as large decodes
+    at a reduced DCT scale (`ImageDecoder.decode_for`, JPEG_DCT_SCALING). The image's full
+    pixels are reserved all the same: the header is all that is known before the decode."""
+    info = decoder.probe(raw)
+    held = decoder.budget.reserve(info.pixels)
+    try:
+        decoded = await asyncio.get_running_loop().run_in_executor(
+            executor, decoder.decode_for, raw, fit, held
+        )
+    except BaseException:
+        held.release()
+        raise
+    return decoded, held
 
 
 async def off_loop(executor: Executor, size: int, fn: Callable[[], T]) -> T:

@@ -17,7 +17,7 @@ import numpy as np
 from aiohttp import web
 
 from appliance.api import state
-from appliance.api.admission import decode_admitted, off_loop, run_all
+from appliance.api.admission import decode_admitted, decode_admitted_for, off_loop, run_all
 from appliance.api.errors import (
     ApiError,
     GatewayTimeout,
@@ -38,7 +38,7 @@ from appliance.api.wire import ExtractResponse, Took
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
 from appliance.pipeline.budget import Reservation
 from appliance.pipeline.faces import Face, ImageResult
-from appliance.pipeline.images import ImageArray, ImageError, encode_jpeg
+from appliance.pipeline.images import Decoded, ImageArray, ImageError, encode_jpeg
 
 routes = web.RouteTableDef()
 
@@ -79,21 +79,42 @@ async def image_bytes(app: web.Application, req: ParsedExtract, index: int) -> b
         return exc
 
 
+def detection_fit(app: web.Application, req: ParsedExtract) -> tuple[int, int] | None:
+    """The letterbox a reduced-scale decode must still fill (JPEG_DCT_SCALING), or None for a
+    full decode: scaling off, or the pixels are not only detected on (embed_only crops)."""
+    if not app[state.SETTINGS].jpeg_dct_scaling or req.request.embed_only:
+        return None
+    full = app[state.ANALYZER].detector.input_size
+    if req.max_size is None:
+        return full
+    return min(req.max_size[0], full[0]), min(req.max_size[1], full[1])
+
+
 async def admit(
-    app: web.Application, req: ParsedExtract, index: int, held: list[Reservation]
-) -> tuple[ImageArray, Reservation] | ApiError | ImageError:
-    """Image `index`: bytes -> admission (probe, reserve) -> decode. Its reservation joins
-    `held` the moment it exists, so the group releases it whatever happens next; a bad image
-    is returned as its own failure, a full budget raises (503 for the request)."""
+    app: web.Application,
+    req: ParsedExtract,
+    index: int,
+    held: list[Reservation],
+    fit: tuple[int, int] | None,
+) -> tuple[Decoded, Reservation] | ApiError | ImageError:
+    """Image `index`: bytes -> admission (probe, reserve) -> decode (at a reduced scale for a
+    detector input of `fit`). Its reservation joins `held` the moment it exists, so the group
+    releases it whatever happens next; a bad image is returned as its own failure, a full
+    budget raises (503 for the request)."""
     raw = await image_bytes(app, req, index)
     if isinstance(raw, ApiError):
         return raw
+    decoder, executor = app[state.DECODER], app[state.EXECUTOR]
     try:
-        img, reservation = await decode_admitted(app[state.DECODER], app[state.EXECUTOR], raw)
+        if fit is None:
+            img, reservation = await decode_admitted(decoder, executor, raw)
+            decoded = Decoded(img, 1.0, 1.0)
+        else:
+            decoded, reservation = await decode_admitted_for(decoder, executor, raw, fit)
     except ImageError as exc:
         return exc
     held.append(reservation)
-    return img, reservation
+    return decoded, reservation
 
 
 async def analyze_group(
@@ -109,12 +130,14 @@ async def analyze_group(
     held: list[Reservation] = []
     kept: Reservation | None = None
     try:
-        jobs = [partial(admit, app, req, i, held) for i in indices]
+        # /draw_detections draws on its first image: that one is decoded in full.
+        fit = None if keep is not None else detection_fit(app, req)
+        jobs = [partial(admit, app, req, i, held, fit) for i in indices]
         admitted = await run_all(jobs, len(jobs))
         images = [a[0] for a in admitted if isinstance(a, tuple)]
         analyzer = app[state.ANALYZER]
         if req.request.embed_only:
-            results = iter(await analyzer.embed_many(images))
+            results = iter(await analyzer.embed_many([image.pixels for image in images]))
         else:
             results = iter(await analyzer.analyze_many(images, req.options()))
         outcomes: list[Outcome] = []
@@ -123,7 +146,7 @@ async def analyze_group(
                 outcomes.append((None, item))
             elif index == 0 and keep is not None:
                 kept = item[1]
-                outcomes.append((item[0], next(results)))
+                outcomes.append((item[0].pixels, next(results)))
             else:
                 outcomes.append((None, next(results)))
         return outcomes
