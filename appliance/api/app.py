@@ -8,8 +8,7 @@ never a user's first request.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
@@ -22,82 +21,33 @@ from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
 from appliance.api.watchdog_wiring import watchdog_ctx
 from appliance.config import Settings
-from appliance.models.loader import LoadedModels, ModelLoadError, load_models
-from appliance.pipeline.batcher import DynamicBatcher
-from appliance.pipeline.faces import FaceAnalyzer
+from appliance.models.loader import ModelLoadError, build_analyzer, load_models
 from appliance.pipeline.images import ImageDecoder
 
 log = structlog.get_logger("appliance.app")
 
 
-def start_batchers(
-    app: web.Application, loaded: LoadedModels
-) -> tuple[DynamicBatcher, DynamicBatcher]:
-    """Both batchers started and the analyzer on them, under app[ANALYZER]."""
-    settings = app[state.SETTINGS]
-    metrics = app[state.METRICS]
-    det, rec = loaded.detector, loaded.recognizer
-
-    def observer(model: str) -> Callable[[list[str], float], None]:
-        return lambda tags, seconds: metrics.observe_batch(model, tags, seconds)
-
-    def submitted(model: str) -> Callable[[str, int], None]:
-        return lambda tag, _items: metrics.observe_submission(model, tag)
-
-    det_batcher = DynamicBatcher(
-        "detector",
-        det.backend.infer,
-        det.backend.max_batch,
-        settings.batch_window_ms,
-        settings.max_queue,
-        observer("detector"),
-        submitted("detector"),
-    )
-    rec_batcher = DynamicBatcher(
-        "recognizer",
-        rec.backend.infer,
-        rec.backend.max_batch,
-        settings.batch_window_ms,
-        settings.max_queue,
-        observer("recognizer"),
-        submitted("recognizer"),
-    )
-    metrics.queue_depth.labels("detector").set_function(lambda: det_batcher.depth)
-    metrics.queue_depth.labels("recognizer").set_function(lambda: rec_batcher.depth)
-    app[state.ANALYZER] = FaceAnalyzer(
-        det.slot(det_batcher),
-        rec.slot(rec_batcher),
-        app[state.EXECUTOR],
-        nms_threshold=settings.nms_threshold,
-    )
-    # Threads last: nothing above can then leave a worker running when it fails.
-    det_batcher.start()
-    rec_batcher.start()
-    return det_batcher, rec_batcher
-
-
 async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[state.SETTINGS]
+    metrics = app[state.METRICS]
     try:
         loaded = await asyncio.to_thread(load_models, settings)
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
     det, rec = loaded.detector, loaded.recognizer
-    # Sized from the process's one thread budget (CPU_THREADS, `backends.threads`), which is
-    # only known once the backend is chosen: a pool sized to the whole machine beside ONNX
-    # Runtime's own threads would oversubscribe the cores.
-    executor = ThreadPoolExecutor(
-        max_workers=loaded.threads.executor_threads, thread_name_prefix="cpu"
-    )
-    app[state.EXECUTOR] = executor
     try:
-        det_batcher, rec_batcher = start_batchers(app, loaded)
+        serving = build_analyzer(loaded, settings, metrics)
+        # Threads last: nothing above can then leave a worker running when it fails.
+        serving.start()
     except BaseException:
         # Anything failing after the backends opened must not leave them (and their device
         # memory) open: aiohttp runs a context's cleanup only once it has yielded.
-        executor.shutdown(wait=False, cancel_futures=True)
         loaded.close()
         raise
+    app[state.EXECUTOR] = serving.executor
+    app[state.ANALYZER] = serving.analyzer
+    metrics.queue_depth.labels("detector").set_function(lambda: serving.detector.depth)
+    metrics.queue_depth.labels("recognizer").set_function(lambda: serving.recognizer.depth)
     models = app[state.MODELS]
     models.backend = loaded.backend
     models.backend_reason = loaded.backend_reason
@@ -114,12 +64,11 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         rec_batch=rec.backend.max_batch,
         rec_effective_batch=rec.backend.batch_plan.effective,
         embedding_size=rec.embedding_size(),
+        executor_threads=loaded.threads.executor_threads,
     )
     yield
     models.loaded = False
-    await det_batcher.stop()
-    await rec_batcher.stop()
-    executor.shutdown(wait=True, cancel_futures=True)
+    await serving.stop()
     loaded.close()
 
 
