@@ -181,3 +181,24 @@ async def test_jpeg_dct_scaling_takes_effect_on_the_rest_path(
     assert drift > 1e-4
     again = await faces_of(await serve(**real(real_models)), photo)
     np.testing.assert_allclose([f["vec"] for f in again], [f["vec"] for f in full], atol=1e-6)
+
+
+async def test_extract_decodes_and_letterboxes_an_image_in_one_executor_job(
+    serve: Any, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    client = await serve()
+    executor = client.app[state.EXECUTOR]
+    jobs: list[str] = []
+    real_submit = executor.submit
+
+    def counted(fn: Any, /, *args: Any, **kwargs: Any) -> Any:
+        jobs.append(getattr(fn, "__name__", repr(fn)))
+        return real_submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(executor, "submit", counted)
+    # A small body (a flat PNG): its parsing and base64 stay on the loop, by design.
+    resp = await client.post("/extract", json={"images": {"data": [b64(black_png())]}})
+    assert resp.status == 200
+    assert len((await resp.json())["data"][0]["faces"]) == 3
+    # Decode + letterbox, then SCRFD decoding + alignment: two hand-offs, not three.
+    assert len(jobs) == 2, jobs

@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import time
+from collections.abc import Callable
 from functools import partial
 
 import cv2
@@ -17,7 +18,7 @@ import numpy as np
 from aiohttp import web
 
 from appliance.api import state
-from appliance.api.admission import decode_admitted, decode_admitted_for, off_loop, run_all
+from appliance.api.admission import decode_admitted_with, off_loop, run_all
 from appliance.api.errors import (
     ApiError,
     GatewayTimeout,
@@ -37,7 +38,7 @@ from appliance.api.urls import fetch_image
 from appliance.api.wire import ExtractResponse, Took
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
 from appliance.pipeline.budget import Reservation
-from appliance.pipeline.faces import Face, ImageResult
+from appliance.pipeline.faces import Face, ImageResult, Prepared
 from appliance.pipeline.images import Decoded, ImageArray, ImageError, encode_jpeg
 
 routes = web.RouteTableDef()
@@ -79,10 +80,13 @@ async def image_bytes(app: web.Application, req: ParsedExtract, index: int) -> b
         return exc
 
 
+DecodeJob = Callable[[bytes, Reservation], Decoded | Prepared]
+
+
 def detection_fit(app: web.Application, req: ParsedExtract) -> tuple[int, int] | None:
     """The letterbox a reduced-scale decode must still fill (JPEG_DCT_SCALING), or None for a
-    full decode: scaling off, or the pixels are not only detected on (embed_only crops)."""
-    if not app[state.SETTINGS].jpeg_dct_scaling or req.request.embed_only:
+    full decode (scaling off)."""
+    if not app[state.SETTINGS].jpeg_dct_scaling:
         return None
     full = app[state.ANALYZER].detector.input_size
     if req.max_size is None:
@@ -90,31 +94,43 @@ def detection_fit(app: web.Application, req: ParsedExtract) -> tuple[int, int] |
     return min(req.max_size[0], full[0]), min(req.max_size[1], full[1])
 
 
+def decode_job(app: web.Application, req: ParsedExtract, drawn: bool) -> DecodeJob:
+    """What the executor does with an admitted image's bytes, in one hand-off: decode it and,
+    unless it is an embed_only crop, letterbox it for the detector right there (a hand-off
+    less per image; on a loaded CPU each one is a wake-up and a GIL exchange). With
+    JPEG_DCT_SCALING the decode is at a reduced scale, except for the image /draw_detections
+    draws on (`drawn`), which is decoded in full."""
+    decoder, analyzer = app[state.DECODER], app[state.ANALYZER]
+    if req.request.embed_only:
+        return lambda raw, held: Decoded(decoder.decode(raw, held), 1.0, 1.0)
+    fit = None if drawn else detection_fit(app, req)
+    if fit is None:
+        return lambda raw, held: analyzer.prepare(decoder.decode(raw, held), req.max_size)
+    reduced = fit
+    return lambda raw, held: analyzer.prepare(decoder.decode_for(raw, reduced, held), req.max_size)
+
+
 async def admit(
-    app: web.Application,
-    req: ParsedExtract,
-    index: int,
-    held: list[Reservation],
-    fit: tuple[int, int] | None,
-) -> tuple[Decoded, Reservation] | ApiError | ImageError:
-    """Image `index`: bytes -> admission (probe, reserve) -> decode (at a reduced scale for a
-    detector input of `fit`). Its reservation joins `held` the moment it exists, so the group
-    releases it whatever happens next; a bad image is returned as its own failure, a full
-    budget raises (503 for the request)."""
+    app: web.Application, req: ParsedExtract, index: int, held: list[Reservation], job: DecodeJob
+) -> tuple[Decoded | Prepared, Reservation] | ApiError | ImageError:
+    """Image `index`: bytes -> admission (probe, reserve) -> `job` (decode, letterbox). Its
+    reservation joins `held` the moment it exists, so the group releases it whatever happens
+    next; a bad image is returned as its own failure, a full budget raises (503 for the
+    request)."""
     raw = await image_bytes(app, req, index)
     if isinstance(raw, ApiError):
         return raw
     decoder, executor = app[state.DECODER], app[state.EXECUTOR]
     try:
-        if fit is None:
-            img, reservation = await decode_admitted(decoder, executor, raw)
-            decoded = Decoded(img, 1.0, 1.0)
-        else:
-            decoded, reservation = await decode_admitted_for(decoder, executor, raw, fit)
+        decoded, reservation = await decode_admitted_with(decoder, executor, raw, job)
     except ImageError as exc:
         return exc
     held.append(reservation)
     return decoded, reservation
+
+
+def pixels(item: Decoded | Prepared) -> ImageArray:
+    return item.image.pixels if isinstance(item, Prepared) else item.pixels
 
 
 async def analyze_group(
@@ -130,14 +146,13 @@ async def analyze_group(
     held: list[Reservation] = []
     kept: Reservation | None = None
     try:
-        # /draw_detections draws on its first image: that one is decoded in full.
-        fit = None if keep is not None else detection_fit(app, req)
-        jobs = [partial(admit, app, req, i, held, fit) for i in indices]
+        job = decode_job(app, req, drawn=keep is not None)
+        jobs = [partial(admit, app, req, i, held, job) for i in indices]
         admitted = await run_all(jobs, len(jobs))
         images = [a[0] for a in admitted if isinstance(a, tuple)]
         analyzer = app[state.ANALYZER]
         if req.request.embed_only:
-            results = iter(await analyzer.embed_many([image.pixels for image in images]))
+            results = iter(await analyzer.embed_many([pixels(image) for image in images]))
         else:
             results = iter(await analyzer.analyze_many(images, req.options()))
         outcomes: list[Outcome] = []
@@ -146,7 +161,7 @@ async def analyze_group(
                 outcomes.append((None, item))
             elif index == 0 and keep is not None:
                 kept = item[1]
-                outcomes.append((item[0].pixels, next(results)))
+                outcomes.append((pixels(item[0]), next(results)))
             else:
                 outcomes.append((None, next(results)))
         return outcomes
