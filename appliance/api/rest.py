@@ -179,8 +179,8 @@ async def run_analysis(
     """Every image of the request, REQUEST_IMAGE_CONCURRENCY at a time; one 503 stops them all.
 
     Images go in groups of REQUEST_IMAGE_CONCURRENCY: a group holds at most that many decoded
-    images, as many as one image at a time each did before, and the next group starts when
-    its pixels are released.
+    images (the bound each request had when its images were analysed one by one), and the
+    next group starts once its pixels are released.
     """
     ensure_accepting(app)
     settings = app[state.SETTINGS]
