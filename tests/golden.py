@@ -4,7 +4,6 @@ reference, and the reference's similarity measure."""
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Sequence
-from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Any
@@ -12,8 +11,7 @@ from typing import Any
 import numpy as np
 
 from appliance.config import Settings, load_settings
-from appliance.models.loader import LoadedModels, load_models
-from appliance.pipeline.batcher import DynamicBatcher
+from appliance.models.loader import LoadedModels, build_analyzer, load_models
 from appliance.pipeline.faces import FaceAnalyzer
 from appliance.pipeline.images import ImageArray, ImageDecoder
 from tests.real_data import REAL_DETECTOR, REAL_RECOGNIZER
@@ -41,30 +39,12 @@ def real_settings(real_models: Path, **overrides: Any) -> Settings:
 @asynccontextmanager
 async def real_analyzer(settings: Settings) -> AsyncIterator[tuple[FaceAnalyzer, LoadedModels]]:
     loaded = load_models(settings)
-    det, rec = loaded.detector, loaded.recognizer
-    det_batcher = DynamicBatcher(
-        "detector", det.backend.infer, det.backend.max_batch, 2.0, settings.max_queue
-    )
-    rec_batcher = DynamicBatcher(
-        "recognizer", rec.backend.infer, rec.backend.max_batch, 2.0, settings.max_queue
-    )
-    det_batcher.start()
-    rec_batcher.start()
-    executor = ThreadPoolExecutor(2)
+    serving = build_analyzer(loaded, settings)  # as the server builds it
+    serving.start()
     try:
-        yield (
-            FaceAnalyzer(
-                det.slot(det_batcher),
-                rec.slot(rec_batcher),
-                executor,
-                nms_threshold=settings.nms_threshold,
-            ),
-            loaded,
-        )
+        yield serving.analyzer, loaded
     finally:
-        await det_batcher.stop()
-        await rec_batcher.stop()
-        executor.shutdown()
+        await serving.stop()
         loaded.close()
 
 

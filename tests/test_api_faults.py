@@ -234,7 +234,7 @@ async def test_defect7_backends_loaded_before_a_startup_failure_are_closed(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("analyzer cannot be built")
 
-    monkeypatch.setattr("appliance.api.app.FaceAnalyzer", broken)
+    monkeypatch.setattr("appliance.models.loader.FaceAnalyzer", broken)
     server = TestServer(create_app(make_settings()), host="127.0.0.1")
     with pytest.raises(RuntimeError, match="analyzer"):
         await server.start_server()

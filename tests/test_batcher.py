@@ -6,6 +6,7 @@ import asyncio
 import threading
 import time
 from collections.abc import AsyncIterator, Callable
+from typing import Any
 
 import numpy as np
 import pytest
@@ -404,3 +405,37 @@ async def test_batcher_logs_through_structlog_not_stdlib(batchers: list[DynamicB
                 break
             await asyncio.sleep(0.02)
     assert expected in logs
+
+
+class CountingLoop(asyncio.SelectorEventLoop):
+    """A real event loop that counts the wake-ups other threads ask of it."""
+
+    wakeups = 0
+
+    def call_soon_threadsafe(self, *args: Any, **kwargs: Any) -> asyncio.Handle:
+        self.wakeups += 1
+        return super().call_soon_threadsafe(*args, **kwargs)
+
+
+def test_a_batch_wakes_its_event_loop_once_not_once_per_item() -> None:
+    rec = Recorder()
+    b = make(rec, max_batch=8, window_ms=0)
+    b.start()
+    loop = CountingLoop()
+    try:
+        outs = loop.run_until_complete(b.submit_many([item(i) for i in range(8)]))
+        ok_wakeups = loop.wakeups
+
+        async def failing() -> list[Any]:
+            return await asyncio.gather(b.submit_many([item(-1), item(1)]), return_exceptions=True)
+
+        failed = loop.run_until_complete(failing())
+        fail_wakeups = loop.wakeups - ok_wakeups
+    finally:
+        loop.run_until_complete(b.stop())
+        loop.close()
+    assert rec.sizes == [8, 2]  # one batch of eight, one of two
+    assert [float(o["first"]) for o in outs] == list(range(8))
+    assert ok_wakeups == 1
+    # A failed batch fails all its items with one wake-up too.
+    assert isinstance(failed[0], RuntimeError) and fail_wakeups == 1

@@ -36,14 +36,24 @@ async def decode_admitted(
     Raises `ImageError` (bad image: from the header, nothing reserved), `BudgetExceeded`
     (too many pixels in flight: nothing decoded).
     """
+    return await decode_admitted_with(decoder, executor, raw, decoder.decode)
+
+
+async def decode_admitted_with(
+    decoder: ImageDecoder, executor: Executor, raw: bytes, job: Callable[[bytes, Reservation], T]
+) -> tuple[T, Reservation]:
+    """`decode_admitted` with the executor's work given: `job(raw, reservation)` decodes under
+    the reservation and may go on with the pixels in the same hand-off (REST letterboxes them
+    for the detector there; JPEG_DCT_SCALING decodes at a reduced scale). The image's full
+    pixels are reserved whatever the job: the header is all that is known before it runs."""
     info = decoder.probe(raw)
     held = decoder.budget.reserve(info.pixels)
     try:
-        img = await asyncio.get_running_loop().run_in_executor(executor, decoder.decode, raw, held)
+        value = await asyncio.get_running_loop().run_in_executor(executor, job, raw, held)
     except BaseException:
         held.release()
         raise
-    return img, held
+    return value, held
 
 
 async def off_loop(executor: Executor, size: int, fn: Callable[[], T]) -> T:

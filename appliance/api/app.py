@@ -8,9 +8,7 @@ never a user's first request.
 from __future__ import annotations
 
 import asyncio
-import os
-from collections.abc import AsyncIterator, Callable
-from concurrent.futures import ThreadPoolExecutor
+from collections.abc import AsyncIterator
 
 import structlog
 from aiohttp import web
@@ -23,76 +21,33 @@ from appliance.api.policy import PolicyBoard
 from appliance.api.urls import make_session
 from appliance.api.watchdog_wiring import watchdog_ctx
 from appliance.config import Settings
-from appliance.models.loader import LoadedModels, ModelLoadError, load_models
-from appliance.pipeline.batcher import DynamicBatcher
-from appliance.pipeline.faces import FaceAnalyzer
+from appliance.models.loader import ModelLoadError, build_analyzer, load_models
 from appliance.pipeline.images import ImageDecoder
 
 log = structlog.get_logger("appliance.app")
 
 
-async def executor_ctx(app: web.Application) -> AsyncIterator[None]:
-    executor = ThreadPoolExecutor(max_workers=max(2, os.cpu_count() or 2), thread_name_prefix="cpu")
-    app[state.EXECUTOR] = executor
-    yield
-    executor.shutdown(wait=True, cancel_futures=True)
-
-
-def start_batchers(
-    app: web.Application, loaded: LoadedModels
-) -> tuple[DynamicBatcher, DynamicBatcher]:
-    """Both batchers started and the analyzer on them, under app[ANALYZER]."""
-    settings = app[state.SETTINGS]
-    metrics = app[state.METRICS]
-    det, rec = loaded.detector, loaded.recognizer
-
-    def observer(model: str) -> Callable[[list[str], float], None]:
-        return lambda tags, seconds: metrics.observe_batch(model, tags, seconds)
-
-    det_batcher = DynamicBatcher(
-        "detector",
-        det.backend.infer,
-        det.backend.max_batch,
-        settings.batch_window_ms,
-        settings.max_queue,
-        observer("detector"),
-    )
-    rec_batcher = DynamicBatcher(
-        "recognizer",
-        rec.backend.infer,
-        rec.backend.max_batch,
-        settings.batch_window_ms,
-        settings.max_queue,
-        observer("recognizer"),
-    )
-    metrics.queue_depth.labels("detector").set_function(lambda: det_batcher.depth)
-    metrics.queue_depth.labels("recognizer").set_function(lambda: rec_batcher.depth)
-    app[state.ANALYZER] = FaceAnalyzer(
-        det.slot(det_batcher),
-        rec.slot(rec_batcher),
-        app[state.EXECUTOR],
-        nms_threshold=settings.nms_threshold,
-    )
-    # Threads last: nothing above can then leave a worker running when it fails.
-    det_batcher.start()
-    rec_batcher.start()
-    return det_batcher, rec_batcher
-
-
 async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     settings = app[state.SETTINGS]
+    metrics = app[state.METRICS]
     try:
         loaded = await asyncio.to_thread(load_models, settings)
     except ModelLoadError as exc:
         raise StartupError(str(exc)) from None
     det, rec = loaded.detector, loaded.recognizer
     try:
-        det_batcher, rec_batcher = start_batchers(app, loaded)
+        serving = build_analyzer(loaded, settings, metrics)
+        # Threads last: nothing above can then leave a worker running when it fails.
+        serving.start()
     except BaseException:
         # Anything failing after the backends opened must not leave them (and their device
         # memory) open: aiohttp runs a context's cleanup only once it has yielded.
         loaded.close()
         raise
+    app[state.EXECUTOR] = serving.executor
+    app[state.ANALYZER] = serving.analyzer
+    metrics.queue_depth.labels("detector").set_function(lambda: serving.detector.depth)
+    metrics.queue_depth.labels("recognizer").set_function(lambda: serving.recognizer.depth)
     models = app[state.MODELS]
     models.backend = loaded.backend
     models.backend_reason = loaded.backend_reason
@@ -109,11 +64,11 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
         rec_batch=rec.backend.max_batch,
         rec_effective_batch=rec.backend.batch_plan.effective,
         embedding_size=rec.embedding_size(),
+        executor_threads=loaded.threads.executor_threads,
     )
     yield
     models.loaded = False
-    await det_batcher.stop()
-    await rec_batcher.stop()
+    await serving.stop()
     loaded.close()
 
 
@@ -132,7 +87,14 @@ def create_app(settings: Settings) -> web.Application:
     app[state.SETTINGS] = settings
     app[state.METRICS] = Metrics()
     app[state.DECODER] = ImageDecoder.create(
-        settings.max_image_pixels, max_pixels_in_flight=settings.max_pixels_in_flight
+        settings.max_image_pixels,
+        max_pixels_in_flight=settings.max_pixels_in_flight,
+        use_nvjpeg=settings.use_nvjpeg,
+    )
+    log.info(
+        "jpeg_decoder_chosen",
+        library=app[state.DECODER].jpeg_library,
+        nvjpeg=app[state.DECODER].nvjpeg_status,
     )
     budget = app[state.DECODER].budget
     app[state.METRICS].pixels_in_flight.set_function(lambda: budget.in_use)
@@ -141,7 +103,7 @@ def create_app(settings: Settings) -> web.Application:
     app[state.INFO_PROVIDERS] = {}
     app[state.READINESS_CHECKS] = {}
     app[state.POLICY] = PolicyBoard()
-    app.cleanup_ctx.extend([executor_ctx, models_ctx, watchdog_ctx, url_session_ctx])
+    app.cleanup_ctx.extend([models_ctx, watchdog_ctx, url_session_ctx])
     app.add_routes(rest.routes)
     app.add_routes(service_routes.routes)
     openapi.setup_docs(app)

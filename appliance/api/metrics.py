@@ -51,6 +51,12 @@ class Metrics:
             ["model", "source"],
             registry=r,
         )
+        self.submissions = Counter(
+            "appliance_batch_submissions_total",
+            "Submissions to a batcher: items queued together (one request's crops are one)",
+            ["model", "source"],
+            registry=r,
+        )
         self.mixed_batches = Counter(
             "appliance_mixed_batches_total",
             "Batches that mixed work from several sources (REST and streams)",
@@ -87,6 +93,9 @@ class Metrics:
             self.batch_items.labels(model, source or "unknown").inc(n)
         if len(counts) > 1:
             self.mixed_batches.labels(model).inc()
+
+    def observe_submission(self, model: str, tag: str) -> None:
+        self.submissions.labels(model, tag or "unknown").inc()
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

@@ -7,15 +7,18 @@ analyse the images, encode the response type (`responses`).
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Callable
+from functools import partial
 
 import cv2
+import msgspec
 import numpy as np
 from aiohttp import web
 
 from appliance.api import state
-from appliance.api.admission import decode_admitted, off_loop, run_all
+from appliance.api.admission import decode_admitted_with, off_loop, run_all
 from appliance.api.errors import (
     ApiError,
     GatewayTimeout,
@@ -35,8 +38,8 @@ from appliance.api.urls import fetch_image
 from appliance.api.wire import ExtractResponse, Took
 from appliance.pipeline.batcher import BatcherClosedError, QueueFullError
 from appliance.pipeline.budget import Reservation
-from appliance.pipeline.faces import Face, ImageResult
-from appliance.pipeline.images import ImageArray, ImageError, encode_jpeg
+from appliance.pipeline.faces import Face, ImageResult, Prepared
+from appliance.pipeline.images import Decoded, ImageArray, ImageError, encode_jpeg
 
 routes = web.RouteTableDef()
 
@@ -77,54 +80,121 @@ async def image_bytes(app: web.Application, req: ParsedExtract, index: int) -> b
         return exc
 
 
-async def analyze_one(
-    app: web.Application, req: ParsedExtract, index: int, held: list[Reservation] | None
-) -> Outcome:
-    """One image: bytes -> admission (probe, reserve) -> decode -> detect/embed.
+DecodeJob = Callable[[bytes, Reservation], Decoded | Prepared]
 
-    Its pixels are released as soon as its analysis is done, unless `held` is given (the
-    caller still needs the image: /draw_detections); then the caller releases them.
-    """
+
+def detection_fit(app: web.Application, req: ParsedExtract) -> tuple[int, int] | None:
+    """The letterbox a reduced-scale decode must still fill (JPEG_DCT_SCALING), or None for a
+    full decode (scaling off)."""
+    if not app[state.SETTINGS].jpeg_dct_scaling:
+        return None
+    full = app[state.ANALYZER].detector.input_size
+    if req.max_size is None:
+        return full
+    return min(req.max_size[0], full[0]), min(req.max_size[1], full[1])
+
+
+def decode_job(app: web.Application, req: ParsedExtract, drawn: bool) -> DecodeJob:
+    """What the executor does with an admitted image's bytes, in one hand-off: decode it and,
+    unless it is an embed_only crop, letterbox it for the detector right there (a hand-off
+    less per image; on a loaded CPU each one is a wake-up and a GIL exchange). With
+    JPEG_DCT_SCALING the decode is at a reduced scale, except for the image /draw_detections
+    draws on (`drawn`), which is decoded in full."""
+    decoder, analyzer = app[state.DECODER], app[state.ANALYZER]
+    if req.request.embed_only:
+        return lambda raw, held: Decoded(decoder.decode(raw, held), 1.0, 1.0)
+    fit = None if drawn else detection_fit(app, req)
+    if fit is None:
+        return lambda raw, held: analyzer.prepare(decoder.decode(raw, held), req.max_size)
+    reduced = fit
+    return lambda raw, held: analyzer.prepare(decoder.decode_for(raw, reduced, held), req.max_size)
+
+
+async def admit(
+    app: web.Application, req: ParsedExtract, index: int, held: list[Reservation], job: DecodeJob
+) -> tuple[Decoded | Prepared, Reservation] | ApiError | ImageError:
+    """Image `index`: bytes -> admission (probe, reserve) -> `job` (decode, letterbox). Its
+    reservation joins `held` the moment it exists, so the group releases it whatever happens
+    next; a bad image is returned as its own failure, a full budget raises (503 for the
+    request)."""
     raw = await image_bytes(app, req, index)
     if isinstance(raw, ApiError):
-        return None, raw
+        return raw
+    decoder, executor = app[state.DECODER], app[state.EXECUTOR]
     try:
-        img, reservation = await decode_admitted(app[state.DECODER], app[state.EXECUTOR], raw)
+        decoded, reservation = await decode_admitted_with(decoder, executor, raw, job)
     except ImageError as exc:
-        return None, exc
-    del raw
+        return exc
+    held.append(reservation)
+    return decoded, reservation
+
+
+def pixels(item: Decoded | Prepared) -> ImageArray:
+    return item.image.pixels if isinstance(item, Prepared) else item.pixels
+
+
+async def analyze_group(
+    app: web.Application, req: ParsedExtract, indices: range, keep: list[Reservation] | None
+) -> list[Outcome]:
+    """A group of images admitted and decoded together (the first 503 cancels the rest), then
+    analysed together: the detector's batcher groups their detections and the crops of all of
+    them go to the recognizer in one submission.
+
+    Their pixels are released when the group is done, except image 0's when `keep` is given
+    (/draw_detections still draws it): its reservation goes to `keep` for the caller.
+    """
+    held: list[Reservation] = []
+    kept: Reservation | None = None
     try:
+        job = decode_job(app, req, drawn=keep is not None)
+        jobs = [partial(admit, app, req, i, held, job) for i in indices]
+        admitted = await run_all(jobs, len(jobs))
+        images = [a[0] for a in admitted if isinstance(a, tuple)]
         analyzer = app[state.ANALYZER]
         if req.request.embed_only:
-            result = await analyzer.embed_only(img)
+            results = iter(await analyzer.embed_many([pixels(image) for image in images]))
         else:
-            result = await analyzer.analyze(img, req.options())
-    except BaseException:
-        reservation.release()
-        raise
-    if held is None:
-        reservation.release()
-        return None, result
-    held.append(reservation)
-    return img, result
+            results = iter(await analyzer.analyze_many(images, req.options()))
+        outcomes: list[Outcome] = []
+        for index, item in zip(indices, admitted, strict=True):
+            if not isinstance(item, tuple):
+                outcomes.append((None, item))
+            elif index == 0 and keep is not None:
+                kept = item[1]
+                outcomes.append((pixels(item[0]), next(results)))
+            else:
+                outcomes.append((None, next(results)))
+        return outcomes
+    finally:
+        for reservation in held:
+            if reservation is kept and keep is not None:
+                keep.append(reservation)
+            else:
+                reservation.release()
 
 
 async def run_analysis(
     app: web.Application, req: ParsedExtract, held: list[Reservation] | None = None
 ) -> list[Outcome]:
-    """Every image of the request, REQUEST_IMAGE_CONCURRENCY at a time; one 503 stops them all."""
+    """Every image of the request, REQUEST_IMAGE_CONCURRENCY at a time; one 503 stops them all.
+
+    Images go in groups of REQUEST_IMAGE_CONCURRENCY: a group holds at most that many decoded
+    images (the bound each request had when its images were analysed one by one), and the
+    next group starts once its pixels are released.
+    """
     ensure_accepting(app)
     settings = app[state.SETTINGS]
+    size = max(1, settings.request_image_concurrency)
 
-    def job(index: int) -> Callable[[], Awaitable[Outcome]]:
-        # Only /draw_detections' first image is kept decoded past its analysis.
-        return lambda: analyze_one(app, req, index, held if index == 0 else None)
+    async def run() -> list[Outcome]:
+        outcomes: list[Outcome] = []
+        for start in range(0, req.count, size):
+            group = range(start, min(start + size, req.count))
+            outcomes += await analyze_group(app, req, group, held)
+        return outcomes
 
     try:
-        return await asyncio.wait_for(
-            run_all([job(i) for i in range(req.count)], settings.request_image_concurrency),
-            settings.request_timeout_s,
-        )
+        return await asyncio.wait_for(run(), settings.request_timeout_s)
     except QueueFullError as exc:
         app[state.METRICS].queue_rejections.labels(str(exc).split()[0]).inc()
         raise ServiceUnavailable(
@@ -197,10 +267,21 @@ async def extract_response(
     return await respond(request, build, req.request.msgpack, faces=faces)
 
 
+def first_image_detections(req: ParsedExtract) -> ParsedExtract:
+    """/draw_detections draws the first image's boxes and landmarks only: that image alone is
+    analysed, without embeddings or face data (as InsightFace-REST's draw asks its model), so
+    the recognizer does no work for a picture that shows none of it."""
+    request = msgspec.structs.replace(
+        req.request, extract_embedding=False, return_face_data=False, embed_only=False
+    )
+    data, urls = (req.data[:1], []) if req.data else ([], req.urls[:1])
+    return dataclasses.replace(req, request=request, data=data, urls=urls)
+
+
 async def draw_response(request: web.Request, req: ParsedExtract) -> web.Response:
     held: list[Reservation] = []
     try:
-        results = await run_analysis(request.app, req, held)
+        results = await run_analysis(request.app, first_image_detections(req), held)
         img, result = results[0]
         if isinstance(result, (ApiError, ImageError)) or img is None:
             message = result.message if isinstance(result, ApiError) else str(result)

@@ -11,7 +11,14 @@ from appliance import __version__
 from appliance.api import state
 from appliance.api.face_wire import DEMO_WARNING
 from appliance.api.responses import respond
-from appliance.api.wire import InfoResponse, Liveness, ModelsInfo, Readiness, encode_json
+from appliance.api.wire import (
+    InfoResponse,
+    Liveness,
+    ModelsInfo,
+    NvJpegInfo,
+    Readiness,
+    encode_json,
+)
 
 routes = web.RouteTableDef()
 
@@ -20,12 +27,18 @@ routes = web.RouteTableDef()
 async def info(request: web.Request) -> web.Response:
     app = request.app
     models = app[state.MODELS]
+    decoder = app[state.DECODER]
     payload = InfoResponse(
         version=__version__,
         backend=models.backend,
         backend_reason=models.backend_reason,
         models=ModelsInfo(detector=models.detector, recognizer=models.recognizer),
-        jpeg_decoder=app[state.DECODER].jpeg_library,
+        jpeg_decoder=decoder.jpeg_library,
+        nvjpeg=NvJpegInfo(
+            requested=app[state.SETTINGS].use_nvjpeg,
+            in_use=decoder.gpu is not None,
+            status=decoder.nvjpeg_status,
+        ),
         settings=app[state.SETTINGS].public_dict(),
         demo=models.demo,
     )

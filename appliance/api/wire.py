@@ -241,6 +241,15 @@ class ModelsInfo(Struct):
     recognizer: dict[str, Any]
 
 
+class NvJpegInfo(Struct):
+    """What `USE_NVJPEG` came to: asked for, in use, and the loader's reason when it is not."""
+
+    requested: bool
+    in_use: bool
+    # "in use", "off (USE_NVJPEG=0)" or "not available: <why>".
+    status: str
+
+
 class InfoResponse(Struct):
     """`GET /info`; parts of the app add sections (`streams`, `watchdog`) beside these."""
 
@@ -249,6 +258,7 @@ class InfoResponse(Struct):
     backend_reason: str
     models: ModelsInfo
     jpeg_decoder: str
+    nvjpeg: NvJpegInfo
     settings: dict[str, Any]
     demo: bool
 

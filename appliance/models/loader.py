@@ -1,14 +1,16 @@
 """Locate, verify and open the detector and recognizer the settings name.
 
 Blocking (file hashing, graph parsing, engine builds): call `load_models` from a thread.
-The application only wires what this returns into batchers and the analyzer.
+`build_analyzer` puts what it returns behind the two batchers and a `FaceAnalyzer`, the same
+way for the server and for the commands that analyse without it.
 """
 
 from __future__ import annotations
 
 import dataclasses
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import structlog
 
@@ -26,7 +28,7 @@ from appliance.models.registry import (
     RegistryError,
 )
 from appliance.pipeline.batcher import DynamicBatcher
-from appliance.pipeline.faces import ModelSlot
+from appliance.pipeline.faces import FaceAnalyzer, ModelSlot
 
 log = structlog.get_logger("appliance.models.loader")
 
@@ -256,3 +258,65 @@ def apply_opencv_threads(threads: ThreadPlan) -> None:
     import cv2
 
     cv2.setNumThreads(threads.opencv_threads)
+
+
+class BatchMetrics(Protocol):
+    """What the batchers report (the API's `Metrics` has this shape; models/ knows no API)."""
+
+    def observe_batch(self, model: str, tags: list[str], seconds: float) -> None: ...
+
+    def observe_submission(self, model: str, tag: str) -> None: ...
+
+
+@dataclasses.dataclass
+class ServingAnalyzer:
+    """A `FaceAnalyzer` on its two batchers and its pre/post-processing executor. Its batchers'
+    threads run from `start` to `stop`; the models stay open (`LoadedModels.close`)."""
+
+    analyzer: FaceAnalyzer
+    detector: DynamicBatcher
+    recognizer: DynamicBatcher
+    executor: ThreadPoolExecutor
+
+    def start(self) -> None:
+        self.detector.start()
+        self.recognizer.start()
+
+    async def stop(self) -> None:
+        await self.detector.stop()
+        await self.recognizer.stop()
+        self.executor.shutdown(wait=True, cancel_futures=True)
+
+
+def build_analyzer(
+    loaded: LoadedModels, settings: Settings, metrics: BatchMetrics | None = None
+) -> ServingAnalyzer:
+    """The batchers and the analyzer on `loaded`, not yet started (no thread runs until
+    `start`, so a failure here leaves nothing behind but the executor's idle pool)."""
+
+    def batcher(name: str, model: LoadedModel) -> DynamicBatcher:
+        return DynamicBatcher(
+            name,
+            model.backend.infer,
+            model.backend.max_batch,
+            settings.batch_window_ms,
+            settings.max_queue,
+            None if metrics is None else (lambda tags, s: metrics.observe_batch(name, tags, s)),
+            None if metrics is None else (lambda tag, _n: metrics.observe_submission(name, tag)),
+        )
+
+    det = batcher("detector", loaded.detector)
+    rec = batcher("recognizer", loaded.recognizer)
+    # Sized from the process's one thread budget (CPU_THREADS, `backends.threads`), known once
+    # the backend is chosen: a pool per core beside ONNX Runtime's own threads would
+    # oversubscribe the cores.
+    executor = ThreadPoolExecutor(
+        max_workers=loaded.threads.executor_threads, thread_name_prefix="cpu"
+    )
+    analyzer = FaceAnalyzer(
+        loaded.detector.slot(det),
+        loaded.recognizer.slot(rec),
+        executor,
+        nms_threshold=settings.nms_threshold,
+    )
+    return ServingAnalyzer(analyzer, det, rec, executor)

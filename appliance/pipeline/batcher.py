@@ -8,7 +8,7 @@ new work is refused at once (`QueueFullError`), never queued without bound.
 
 The worker thread outlives any one event loop's interest in its results: a loop that closed
 while its items ran (a client gone, a test's loop torn down, shutdown) must not kill the
-thread, so every hand-back to a loop goes through `_post`, which drops what cannot be
+thread, so every hand-back to a loop goes through `_deliver`, which drops what cannot be
 delivered and logs it.
 """
 
@@ -19,7 +19,7 @@ import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from contextlib import AbstractContextManager
 from typing import Any, Protocol, runtime_checkable
 
@@ -35,6 +35,8 @@ RunBatch = Callable[[ItemArray], Outputs]
 # (tags of the batch's items, seconds the backend took); the API turns these into metrics.
 # Tags say where each item came from ("rest", "stream"), so shared batches are visible.
 BatchObserver = Callable[[list[str], float], None]
+# (tag, items) of one accepted submission: a request's crops should be one, not one per image.
+SubmitObserver = Callable[[str, int], None]
 
 log = structlog.get_logger(__name__)
 
@@ -87,6 +89,7 @@ class DynamicBatcher:
         window_ms: float,
         max_queue: int,
         observer: BatchObserver | None = None,
+        submit_observer: SubmitObserver | None = None,
     ) -> None:
         """`run_batch` is a function of a stacked batch, or a `WorkerPool` (also given as its
         bound `infer`): then one worker thread drives each member, assembling each batch in
@@ -105,6 +108,7 @@ class DynamicBatcher:
         elif not isinstance(run_batch, WorkerPool):
             self._run_batch: RunBatch = run_batch
         self._observer = observer
+        self._submit_observer = submit_observer
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -147,8 +151,7 @@ class DynamicBatcher:
             pending = list(self._queue)
             self._queue.clear()
             self._cond.notify_all()
-        for item in pending:
-            _post(item, _fail, BatcherClosedError(f"{self.name} stopped"))
+        _deliver(pending, [BatcherClosedError(f"{self.name} stopped")] * len(pending))
         for thread in self._threads:
             await asyncio.to_thread(thread.join)
         self._threads = []
@@ -172,6 +175,15 @@ class DynamicBatcher:
                 )
             self._queue.extend(queued)
             self._cond.notify()
+        if self._submit_observer is not None:
+            try:
+                self._submit_observer(tag, len(queued))
+            except Exception as exc:  # metrics must never stop inference
+                log.error(
+                    "submit_observer_failed",
+                    batcher=self.name,
+                    error=f"{type(exc).__name__}: {exc}",
+                )
         try:
             return list(await asyncio.gather(*(q.future for q in queued)))
         except asyncio.CancelledError:
@@ -238,8 +250,7 @@ class DynamicBatcher:
                 items=len(batch),
                 error=f"{type(exc).__name__}: {exc}",
             )
-            for item in batch:
-                _post(item, _fail, exc)
+            _deliver(batch, [exc] * len(batch))
             return
         elapsed = time.perf_counter() - start
         with self._stats_lock:
@@ -254,19 +265,34 @@ class DynamicBatcher:
                 log.error(
                     "batch_observer_failed", batcher=self.name, error=f"{type(exc).__name__}: {exc}"
                 )
-        for item, result in zip(batch, results, strict=True):
-            _post(item, _resolve, result)
+        _deliver(batch, results)
 
 
-def _post(
-    item: _Item, callback: Callable[[asyncio.Future[Outputs], Any], None], value: Any
-) -> None:
-    """Hand a result or an error to the item's loop; a closed loop has nobody to tell."""
-    try:
-        item.loop.call_soon_threadsafe(callback, item.future, value)
-    except RuntimeError:
-        # call_soon_threadsafe raises RuntimeError on a closed loop: its awaiting task is gone.
-        log.info("batch_result_dropped", tag=item.tag, reason="event loop closed")
+def _deliver(batch: list[_Item], values: Sequence[Outputs] | Sequence[BaseException]) -> None:
+    """Hand each item its result (or error): one wake-up per event loop, not one per item.
+
+    Every `call_soon_threadsafe` writes to the loop's self-pipe and makes the worker take the
+    GIL from the loop; a recognizer batch of a crowd's crops would pay that per face while
+    the next batch waits for this thread.
+    """
+    by_loop: dict[asyncio.AbstractEventLoop, list[tuple[_Item, Any]]] = {}
+    for item, value in zip(batch, values, strict=True):
+        by_loop.setdefault(item.loop, []).append((item, value))
+    for loop, pairs in by_loop.items():
+        try:
+            loop.call_soon_threadsafe(_settle, pairs)
+        except RuntimeError:
+            # A closed loop: its awaiting tasks are gone.
+            for item, _ in pairs:
+                log.info("batch_result_dropped", tag=item.tag, reason="event loop closed")
+
+
+def _settle(pairs: list[tuple[_Item, Any]]) -> None:
+    for item, value in pairs:
+        if isinstance(value, BaseException):
+            _fail(item.future, value)
+        else:
+            _resolve(item.future, value)
 
 
 def _resolve(future: asyncio.Future[Outputs], result: Outputs) -> None:
