@@ -80,6 +80,10 @@ async def url_session_ctx(app: web.Application) -> AsyncIterator[None]:
     await session.close()
 
 
+async def mark_stopping(app: web.Application) -> None:
+    app[state.STOPPING].set()
+
+
 def create_app(settings: Settings) -> web.Application:
     app = web.Application(
         client_max_size=settings.max_body_bytes, middlewares=middleware.MIDDLEWARES
@@ -103,6 +107,8 @@ def create_app(settings: Settings) -> web.Application:
     app[state.INFO_PROVIDERS] = {}
     app[state.READINESS_CHECKS] = {}
     app[state.POLICY] = PolicyBoard()
+    app[state.STOPPING] = asyncio.Event()
+    app.on_shutdown.append(mark_stopping)  # first: before the streams say goodbye
     app.cleanup_ctx.extend([models_ctx, watchdog_ctx, url_session_ctx])
     app.add_routes(rest.routes)
     app.add_routes(service_routes.routes)

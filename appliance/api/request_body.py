@@ -24,6 +24,7 @@ from appliance.api.errors import (
     BadRequest,
     PayloadTooLarge,
     RequestTimeout,
+    ServiceUnavailable,
     UnsupportedMediaType,
 )
 from appliance.api.wire import (
@@ -142,7 +143,7 @@ async def read_extract(request: web.Request, settings: Settings) -> ParsedExtrac
         raise UnsupportedMediaType(
             f"Content-Type {ctype!r} is not accepted; send application/json or application/msgpack"
         )
-    raw = await within_body_timeout(request.read(), settings)
+    raw = await within_body_timeout(request.read(), request, settings)
     # A large body parses in the executor. msgspec holds the GIL while it parses, so this
     # bounds rather than removes the loop's stall (docs/RELIABILITY.md has the numbers); the
     # base64 of each image is decoded later, one image at a time, in the same way.
@@ -179,7 +180,7 @@ async def read_multipart(request: web.Request, settings: Settings) -> ParsedExtr
         raise UnsupportedMediaType(
             f"Content-Type {request.content_type!r} is not accepted; send multipart/form-data"
         )
-    files, fields = await within_body_timeout(read_parts(request, settings), settings)
+    files, fields = await within_body_timeout(read_parts(request, settings), request, settings)
     if not files:
         raise BadRequest("no image files in the multipart body (field 'images')", code="no_images")
     known = known_fields(ExtractOptions)
@@ -187,15 +188,38 @@ async def read_multipart(request: web.Request, settings: Settings) -> ParsedExtr
     return resolve(options, files, [], fields, settings)
 
 
-async def within_body_timeout(read: Awaitable[T_co], settings: Settings) -> T_co:
-    """The body read, or 408 past BODY_TIMEOUT_S: a client that trickles its body (slowloris)
-    would otherwise hold its connection and the bytes so far for as long as it likes."""
+async def within_body_timeout(
+    read: Awaitable[T_co], request: web.Request, settings: Settings
+) -> T_co:
+    """The body read; 408 past BODY_TIMEOUT_S, or 503 at once when shutdown begins first.
+
+    A client that trickles its body (slowloris) would otherwise hold its connection and the
+    bytes so far for as long as it likes. At shutdown aiohttp stops taking in bytes on open
+    connections, so a body still arriving then would only end in a 408 after BODY_TIMEOUT_S:
+    such a request was never accepted, and the client is told to retry instead.
+    """
+    body = asyncio.ensure_future(read)
+    stopping = asyncio.ensure_future(request.app[state.STOPPING].wait())
     try:
-        return await asyncio.wait_for(read, settings.body_timeout_s)
-    except asyncio.TimeoutError:
-        raise RequestTimeout(
-            f"the request body did not arrive within BODY_TIMEOUT_S ({settings.body_timeout_s} s)"
-        ) from None
+        await asyncio.wait(
+            (body, stopping), timeout=settings.body_timeout_s, return_when=asyncio.FIRST_COMPLETED
+        )
+    finally:
+        stopping.cancel()
+        if not body.done():
+            body.cancel()
+            await asyncio.gather(body, return_exceptions=True)
+    if not body.cancelled():
+        return body.result()
+    if stopping.done() and not stopping.cancelled():
+        raise ServiceUnavailable(
+            "the appliance is shutting down and the request body had not arrived; retry",
+            code="shutting_down",
+            headers={"Retry-After": str(max(settings.retry_after_s, 1))},
+        )
+    raise RequestTimeout(
+        f"the request body did not arrive within BODY_TIMEOUT_S ({settings.body_timeout_s} s)"
+    )
 
 
 async def read_parts(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -51,6 +52,10 @@ URL_SESSION = web.AppKey("url_session", aiohttp.ClientSession)
 INFO_PROVIDERS = web.AppKey("info_providers", dict[str, Callable[[], Any]])
 READINESS_CHECKS = web.AppKey("readiness_checks", dict[str, Callable[[], dict[str, Any]]])
 POLICY = web.AppKey("policy", PolicyBoard)
+# Set when shutdown begins: aiohttp then drops the bytes still arriving on open connections
+# (RequestHandler.data_received ignores data once the connection is closing), so a body read
+# in progress can never finish and must be answered at once (request_body.py).
+STOPPING = web.AppKey("stopping", asyncio.Event)
 STREAMS = web.AppKey("streams", StreamRegistry)
 STREAM_METRICS = web.AppKey("stream_metrics", StreamMetrics)
 WATCHDOG = web.AppKey("watchdog", Watchdog)
