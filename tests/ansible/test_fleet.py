@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import base64
 import fcntl
+import hashlib
 import json
 import os
 import re
@@ -25,14 +26,21 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import onnx
 import pytest
+import yaml  # type: ignore[import-untyped]
 
+from appliance.config import Settings, load_settings
+from tests.ansible.test_gallery_sync import Server
 from tests.ansible.test_molecule import LOCK, SANDBOX, _assert_nothing_left, _skip_reason
+from tests.helpers import write_calm_sysfs
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
 SHARED = REPO.parent / "shared"
 T1 = SHARED / "photos" / "t1.jpg"
+GALLERY_PHOTOS = SHARED / "photos" / "gallery"  # obama (2), biden (2), alex_lacamoire (1)
+PROBES = SHARED / "photos" / "probe"
 HOSTS = {"fleet-a": 41, "fleet-b": 42, "fleet-c": 43}
 TOKEN = "fleet-token-1"  # molecule/fleet/molecule.yml; fleet-b has none
 HOST_ROLES = "preflight,container_runtime,docker_network,jtop"
@@ -40,7 +48,14 @@ SSH_KEY = Path(os.environ.get("APPLIANCE_SANDBOX_STATE", "/run/appliance-sandbox
 
 
 def _missing_data() -> str | None:
-    for f in ("models/scrfd_2.5g_bnkps.onnx", "models/mobilefacenet_128.onnx", "photos/t1.jpg"):
+    for f in (
+        "models/scrfd_2.5g_bnkps.onnx",
+        "models/mobilefacenet_128.onnx",
+        "photos/t1.jpg",
+        "photos/gallery/obama",
+        "photos/probe/obama_and_biden.jpg",
+        "photos/probe/lin-manuel-miranda.png",
+    ):
         if not (SHARED / f).exists():
             return f"{SHARED / f} is absent (see ../shared/DATA.md)"
     return None
@@ -149,6 +164,106 @@ def _http(host: str, path: str, token: str = "", body: bytes | None = None) -> t
         return exc.code, json.loads(exc.read() or b"{}")
     except OSError as exc:  # refused: nothing listens
         return 0, str(exc)
+
+
+def _image_body(path: Path, **extra: Any) -> bytes:
+    return json.dumps(
+        {"images": {"data": [base64.b64encode(path.read_bytes()).decode()]}, **extra}
+    ).encode()
+
+
+def _fleet_vars() -> dict[str, Any]:
+    scenario = yaml.safe_load((REPO / "molecule" / "fleet" / "molecule.yml").read_text())
+    group_vars: dict[str, Any] = scenario["provisioner"]["inventory"]["group_vars"]["all"]
+    return group_vars
+
+
+def _controller_gallery(tmp: Path, name: str, recognizer_doc: str | None = None) -> Path:
+    """A snapshot as an operator makes one: the appliance on the controller's loopback with the
+    fleet's models and override (molecule.yml), the photos of ../shared/photos/gallery enrolled
+    through the API, then GET /gallery/export. With `recognizer_doc` the recognizer is another
+    file (the same network saved with another doc string: another sha256)."""
+    fleet_vars = _fleet_vars()
+    override = json.loads(json.dumps(fleet_vars["appliance_models_override"]))
+    models = SHARED / "models"
+    if recognizer_doc is not None:
+        models = tmp / f"{name}-models"
+        models.mkdir()
+        (models / "scrfd_2.5g_bnkps.onnx").symlink_to(SHARED / "models" / "scrfd_2.5g_bnkps.onnx")
+        rec = onnx.load(str(SHARED / "models" / "mobilefacenet_128.onnx"))
+        rec.doc_string = recognizer_doc
+        onnx.save(rec, str(models / "mobilefacenet_128.onnx"))
+        digest = hashlib.sha256((models / "mobilefacenet_128.onnx").read_bytes()).hexdigest()
+        override["mobilefacenet_128"]["checksum"] = f"sha256:{digest}"
+    (tmp / f"{name}.override.json").write_text(json.dumps(override))
+    settings: Settings = load_settings(
+        env={},
+        models_dir=models,
+        models_override=tmp / f"{name}.override.json",
+        det_model=fleet_vars["appliance_det_model"],
+        rec_model=fleet_vars["appliance_rec_model"],
+        det_batch_size=1,
+        rec_batch_size=1,
+        inference_backend="onnx",
+        telemetry_source="sysfs",
+        sysfs_root=write_calm_sysfs(tmp / f"{name}-sysfs"),
+        gallery_db=tmp / f"{name}.db",
+        log_format="json",
+    )
+    server = Server(settings)
+    try:
+        for subject in sorted(p for p in GALLERY_PHOTOS.iterdir() if p.is_dir()):
+            body = json.dumps({"subject": subject.name}).encode()
+            request = urllib.request.Request(
+                f"{server.url}/gallery/subjects", body, {"Content-Type": "application/json"}
+            )
+            with urllib.request.urlopen(request, timeout=60) as response:  # loopback only
+                assert response.status == 201
+            images = [base64.b64encode(p.read_bytes()).decode() for p in sorted(subject.iterdir())]
+            request = urllib.request.Request(
+                f"{server.url}/gallery/subjects/{subject.name}/faces",
+                json.dumps({"images": {"data": images}}).encode(),
+                {"Content-Type": "application/json"},
+            )
+            with urllib.request.urlopen(request, timeout=120) as response:  # loopback only
+                assert len(json.load(response)["face_ids"]) == len(images), subject
+        with urllib.request.urlopen(f"{server.url}/gallery/export", timeout=60) as response:
+            data = response.read()
+            assert hashlib.sha256(data).hexdigest() == response.headers["X-Snapshot-Sha256"]
+    finally:
+        server.close()
+    snapshot = tmp / f"{name}.zip"
+    snapshot.write_bytes(data)
+    return snapshot
+
+
+def _gallery_of(host: str) -> tuple[int, int, list[str]]:
+    """(subjects, faces, subject names) of a host's gallery, through its API."""
+    token = "" if host == "fleet-b" else TOKEN
+    status, page = _http(host, "/gallery/subjects?limit=100", token)
+    assert status == 200, page
+    return (
+        page["total_subjects"],
+        page["total_faces"],
+        sorted(s["subject"] for s in page["subjects"]),
+    )
+
+
+def _identities(host: str, probe: str) -> list[str | None]:
+    token = "" if host == "fleet-b" else TOKEN
+    status, answer = _http(host, "/gallery/search", token, _image_body(PROBES / probe, top_k=3))
+    assert status == 200, answer
+    return [face["identity"] for face in answer["data"][0]["faces"]]
+
+
+def _main_pids(fleet: Fleet) -> dict[str, str]:
+    """Each host's service: its main PID and when it last entered `active`."""
+    return {
+        host: fleet.ssh(
+            host, "systemctl show appliance -p MainPID -p ActiveEnterTimestampMonotonic --value"
+        )
+        for host in HOSTS
+    }
 
 
 def _recaps(output: str) -> dict[str, dict[str, int]]:
@@ -292,6 +407,78 @@ def test_release_1_rolls_out_everywhere_idempotently_and_serves_the_real_models(
         assert info["models"]["recognizer"]["sha256"].startswith("93fac2c9")
 
 
+@pytest.mark.timeout(900)
+def test_gallery_sync_pushes_one_gallery_to_the_running_fleet_once(
+    fleet: Fleet, tmp_path: Path
+) -> None:
+    start = time.monotonic()
+    snapshot = _controller_gallery(tmp_path, "controller")
+    other = _controller_gallery(tmp_path, "other", recognizer_doc="another recognizer file")
+    fleet.durations["gallery: two snapshots on the controller"] = time.monotonic() - start
+    pids = _main_pids(fleet)
+    assert all(p.split()[0] != "0" for p in pids.values()), pids
+    assert {h: _gallery_of(h)[:2] for h in HOSTS} == dict.fromkeys(HOSTS, (0, 0))
+
+    # As an operator runs it: the inventory's token per host (fleet-b has none), default serial.
+    rc, output = fleet.playbook(
+        "playbooks/gallery_sync.yml", "gallery sync", "-e", f"gallery_sync_snapshot={snapshot}"
+    )
+    assert rc == 0, output[-4000:]
+    recaps = _recaps(output)
+    assert set(recaps) == set(HOSTS), output[-3000:]
+    assert all(r["changed"] >= 3 for r in recaps.values()), recaps  # copy, import, marker
+    for host in HOSTS:
+        assert f"{host}: gallery holds 3 subjects, 5 faces" in output, output[-3000:]
+        assert _gallery_of(host) == (3, 5, ["alex_lacamoire", "biden", "obama"])
+        # The fleet's recognizer answers with the controller's gallery: both known faces named,
+        # the stranger not.
+        assert {i for i in _identities(host, "obama_and_biden.jpg") if i} == {"obama", "biden"}
+        assert set(_identities(host, "lin-manuel-miranda.png")) == {None}
+        assert (
+            fleet.ssh(host, "sha256sum /var/lib/appliance/gallery-sync/gallery-snapshot.zip")[:64]
+            == hashlib.sha256(snapshot.read_bytes()).hexdigest()
+        )
+
+    rc, output = fleet.playbook(
+        "playbooks/gallery_sync.yml",
+        "gallery sync again",
+        "-e",
+        f"gallery_sync_snapshot={snapshot}",
+    )
+    assert rc == 0, output[-4000:]
+    recaps = _recaps(output)
+    assert {h: r["changed"] for h, r in recaps.items()} == dict.fromkeys(HOSTS, 0), output[-4000:]
+    assert output.count("skipping: [fleet-") >= 3  # the import, on every host
+
+    # A snapshot of another recognizer (same photos, same counts): every host refuses it with
+    # the reason, before anything is copied; the galleries and the device copies stay as they are.
+    rc, output = fleet.playbook(
+        "playbooks/gallery_sync.yml",
+        "gallery sync, another recognizer",
+        "-e",
+        f"gallery_sync_snapshot={other}",
+        "-e",
+        "gallery_sync_serial=3",
+    )
+    flat = _flat(output)
+    assert rc != 0, output[-4000:]
+    for host in HOSTS:
+        assert (
+            f"{host}: recognizer_mismatch: the snapshot other.zip was made with mobilefacenet_128"
+        ) in flat, output[-4000:]
+        assert "this appliance runs mobilefacenet_128 (sha256 93fac2c9747e...)" in flat
+        assert "Nothing was copied or imported" in flat
+        assert _recaps(output)[host]["failed"] == 1
+        assert _gallery_of(host) == (3, 5, ["alex_lacamoire", "biden", "obama"])
+        assert (
+            fleet.ssh(host, "sha256sum /var/lib/appliance/gallery-sync/gallery-snapshot.zip")[:64]
+            == hashlib.sha256(snapshot.read_bytes()).hexdigest()
+        )
+    # No run restarted the service anywhere.
+    assert _main_pids(fleet) == pids
+    fleet.durations["gallery sync (3 runs + checks)"] = time.monotonic() - start
+
+
 @pytest.mark.timeout(1200)
 def test_release_2_canary_passes_the_second_host_fails_and_is_rolled_back(fleet: Fleet) -> None:
     rc, output = fleet.playbook(
@@ -323,6 +510,10 @@ def test_release_2_canary_passes_the_second_host_fails_and_is_rolled_back(fleet:
     assert (current_b, facts_b["current"], facts_b["previous"]) == ("1.0.0", "1.0.0", "2.0.0")
     assert _http("fleet-b", "/health/ready")[0] == 200
     assert _http("fleet-b", "/info")[1]["version"] == "1.0.0"
+    # The synced gallery (GALLERY_DB in the data directory every release shares) outlives the
+    # switch to release 2 and the rollback.
+    for host in ("fleet-a", "fleet-b"):
+        assert _gallery_of(host) == (3, 5, ["alex_lacamoire", "biden", "obama"])
 
     rc, output = fleet.playbook("playbooks/status.yml", "status after release 2")
     assert rc == 0, output[-3000:]

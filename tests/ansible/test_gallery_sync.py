@@ -1,10 +1,14 @@
 """The gallery_sync role against a real appliance on loopback (connection local): the first
-run copies, verifies and imports the snapshot; the second changes nothing; a snapshot of
-another recognizer fails the play with the appliance's reason."""
+run copies, verifies and imports the snapshot (with the appliance role's token); the second
+changes nothing; a snapshot of another recognizer fails the play with the reason, before
+anything is copied, on every run; a copy left by a run that failed before its import is
+imported by the next run. The fleet scenario (tests/ansible/test_fleet.py) runs the playbook
+on the sandbox hosts."""
 
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import json
 import os
 import shutil
@@ -14,7 +18,7 @@ import threading
 import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import numpy as np
 import onnx
@@ -50,9 +54,9 @@ class Server:
         await self.runner.setup()
         site = web.TCPSite(self.runner, "127.0.0.1", 0)
         await site.start()
-        server = site._server
+        server = cast(asyncio.Server, site._server)
         assert server is not None
-        return int(server.sockets[0].getsockname()[1])  # type: ignore[union-attr]
+        return int(server.sockets[0].getsockname()[1])
 
     @property
     def url(self) -> str:
@@ -81,7 +85,7 @@ def servers(
 
 
 def play(
-    tmp: Path, api: str, snapshot: Path, mode: str = "merge"
+    tmp: Path, api: str, snapshot: Path, mode: str = "merge", **extra_vars: Any
 ) -> subprocess.CompletedProcess[str]:
     playbook = tmp / "sync.yml"
     playbook.write_text(
@@ -101,6 +105,7 @@ def play(
         "gallery_sync_dir": str(tmp / "device"),
         "gallery_sync_mode": mode,
         "ansible_python_interpreter": sys.executable,
+        **extra_vars,
     }
     return subprocess.run(
         [
@@ -120,9 +125,12 @@ def play(
     )
 
 
-def http(url: str, body: Any = None) -> tuple[int, bytes]:
+def http(url: str, body: Any = None, token: str = "") -> tuple[int, bytes]:
     data = json.dumps(body).encode() if body is not None else None
-    request = urllib.request.Request(url, data=data, headers={"Content-Type": "application/json"})
+    headers = {"Content-Type": "application/json"}
+    if token:
+        headers["Authorization"] = f"Bearer {token}"
+    request = urllib.request.Request(url, data=data, headers=headers)
     with urllib.request.urlopen(request, timeout=30) as resp:  # loopback only
         return int(resp.status), bytes(resp.read())
 
@@ -132,39 +140,100 @@ def recap(out: str) -> dict[str, int]:
     return {k: int(v) for k, v in (p.split("=") for p in line.split(":", 1)[1].split())}
 
 
+def enrol(url: str, names: tuple[str, ...], seed: int, token: str = "") -> None:
+    rng = np.random.default_rng(seed)
+    for name in names:
+        assert http(f"{url}/gallery/subjects", {"subject": name}, token)[0] == 201
+        vecs = rng.standard_normal((2, 512)).tolist()
+        status, _ = http(f"{url}/gallery/subjects/{name}/faces", {"embeddings": vecs}, token)
+        assert status == 201
+
+
+def gallery(url: str, token: str = "") -> tuple[int, int, list[str]]:
+    page = json.loads(http(f"{url}/gallery/subjects", token=token)[1])
+    return (
+        page["total_subjects"],
+        page["total_faces"],
+        sorted(s["subject"] for s in page["subjects"]),
+    )
+
+
+@pytest.fixture
+def snapshot(servers: Callable[..., Server], tmp_path: Path) -> Path:
+    """Three subjects of two faces each, exported by a real appliance."""
+    source = servers("source")
+    enrol(source.url, ("ada", "bob", "cy"), seed=3)
+    path = tmp_path / "gallery.zip"
+    path.write_bytes(http(f"{source.url}/gallery/export")[1])
+    return path
+
+
 @pytest.mark.slow
 @pytest.mark.timeout(600)
 def test_sync_imports_once_then_changes_nothing_and_refuses_another_recognizer(
-    servers: Callable[..., Server], tmp_path: Path, models_dir: Path
+    servers: Callable[..., Server], tmp_path: Path, models_dir: Path, snapshot: Path
 ) -> None:
-    source = servers("source")
-    rng = np.random.default_rng(3)
-    for name in ("ada", "bob", "cy"):
-        assert http(f"{source.url}/gallery/subjects", {"subject": name})[0] == 201
-        vecs = rng.standard_normal((2, 512)).tolist()
-        status, _ = http(f"{source.url}/gallery/subjects/{name}/faces", {"embeddings": vecs})
-        assert status == 201
-    snapshot = tmp_path / "gallery.zip"
-    snapshot.write_bytes(http(f"{source.url}/gallery/export")[1])
-
-    device = servers("device")
-    first = play(tmp_path, device.url, snapshot)
+    # The device has API_TOKEN set; the role takes the appliance role's token by default.
+    device = servers("device", api_token="device-token")
+    first = play(tmp_path, device.url, snapshot, appliance_api_token="device-token")
     assert first.returncode == 0, first.stdout[-4000:]
-    assert recap(first.stdout)["changed"] >= 2  # the copy and the import
-    counts = json.loads(http(f"{device.url}/gallery/subjects")[1])
-    assert (counts["total_subjects"], counts["total_faces"]) == (3, 6)
+    assert recap(first.stdout)["changed"] >= 3  # the copy, the import, the marker
+    assert gallery(device.url, "device-token") == (3, 6, ["ada", "bob", "cy"])
 
-    second = play(tmp_path, device.url, snapshot)
+    second = play(tmp_path, device.url, snapshot, appliance_api_token="device-token")
     assert second.returncode == 0, second.stdout[-4000:]
     assert recap(second.stdout)["changed"] == 0, second.stdout[-4000:]
 
-    # The same snapshot to an appliance whose recognizer is another file (another sha256).
+    # The same snapshot to an appliance whose recognizer is another file (another sha256), which
+    # holds as many subjects and faces of its own: refused before anything is copied, on the
+    # second run too (the counts alone would have called it in sync), its gallery untouched.
     other_models = tmp_path / "other_models"
     shutil.copytree(models_dir, other_models)
     rec = onnx.load(str(other_models / "rec.onnx"))
     rec.doc_string = "another recognizer"
     onnx.save(rec, str(other_models / "rec.onnx"))
     other = servers("other", models_dir=other_models)
-    refused = play(tmp_path, other.url, snapshot)
-    assert refused.returncode != 0
-    assert "recognizer_mismatch" in refused.stdout, refused.stdout[-4000:]
+    enrol(other.url, ("dan", "eve", "fay"), seed=4)
+    other_dir = tmp_path / "other-device"
+    for _ in range(2):
+        refused = play(tmp_path, other.url, snapshot, gallery_sync_dir=str(other_dir))
+        assert refused.returncode != 0
+        flat = " ".join(refused.stdout.replace("\\n", " ").split())
+        assert "localhost: recognizer_mismatch: the snapshot gallery.zip was made with" in flat, (
+            refused.stdout[-4000:]
+        )
+        assert "embeddings of different recognizers cannot be compared" in flat
+        assert not (other_dir / "gallery-snapshot.zip").exists()
+        assert gallery(other.url) == (3, 6, ["dan", "eve", "fay"])
+
+
+@pytest.mark.slow
+@pytest.mark.timeout(600)
+def test_a_copy_left_by_a_run_that_failed_before_its_import_is_imported_next_time(
+    servers: Callable[..., Server], tmp_path: Path, snapshot: Path
+) -> None:
+    # A run copied the snapshot and stopped before the import (the service restarting, the
+    # connection lost). The device holds as many subjects and faces of its own as the snapshot:
+    # the unchanged copy and the counts alone would call it in sync; the import marker does not.
+    device = servers("device")
+    enrol(device.url, ("dan", "eve", "fay"), seed=4)
+    (tmp_path / "device").mkdir()
+    shutil.copy(snapshot, tmp_path / "device" / "gallery-snapshot.zip")
+    (tmp_path / "device" / "gallery-snapshot.zip").chmod(0o640)  # as the role copies it
+    first = play(tmp_path, device.url, snapshot)
+    assert first.returncode == 0, first.stdout[-4000:]
+    assert "TASK [gallery_sync : Import the snapshot through the API]" in first.stdout
+    assert gallery(device.url) == (6, 12, ["ada", "bob", "cy", "dan", "eve", "fay"])
+    assert (tmp_path / "device" / "imported").read_text().split() == [
+        hashlib.sha256(snapshot.read_bytes()).hexdigest(),
+        "merge",
+    ]
+    second = play(tmp_path, device.url, snapshot)
+    assert recap(second.stdout)["changed"] == 0, second.stdout[-4000:]
+
+    # Replace after merge: another mode is another import, then in sync again.
+    replaced = play(tmp_path, device.url, snapshot, mode="replace")
+    assert replaced.returncode == 0, replaced.stdout[-4000:]
+    assert gallery(device.url) == (3, 6, ["ada", "bob", "cy"])
+    again = play(tmp_path, device.url, snapshot, mode="replace")
+    assert recap(again.stdout)["changed"] == 0, again.stdout[-4000:]
