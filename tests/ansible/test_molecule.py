@@ -154,6 +154,17 @@ def test_docker_scenario_applies_the_right_fix_for_each_docker(tmp_path: Path) -
         ("dockerio", "'raw_table_missing_optout': docker.io 28.2.2 needs the raw table"),
     ):
         assert f'ok: [{host}] => {{ "msg": "docker_network case {decision}' in flat, host
+    # The port filter holds whether it starts before or after dockerd, across a Docker restart,
+    # without being restarted itself; a filter that fails to start says why (status, journal).
+    assert (
+        "FILTER-ORDER-OK filter before dockerd: ok; after dockerd started: ok; "
+        "after dockerd restarted: ok"
+    ) in flat, flat[-3000:]
+    assert re.search(
+        r"FILTER-FAILURE-REPORTED appliance-port-filter\.service could not be restarted: .*"
+        r"status=3.*sandbox-planted-filter-failure",
+        flat,
+    ), flat[-3000:]
     # The half-done host: its drop-in was unchanged, the daemon was restarted all the same.
     assert re.search(
         r"TASK \[docker_network : Restart Docker because the running daemon does not have the "
