@@ -2,6 +2,7 @@
 # Build the wheelhouse a fleet installs the appliance from (roles/appliance, native method).
 #
 #   tools/build-wheelhouse.sh OUT VERSION [PYTHON_VERSION] [PLATFORM...]
+#   tools/build-wheelhouse.sh --deps      (print the runtime dependencies it would download)
 #
 # OUT gets the appliance wheel (built from this checkout with VERSION as its version), every
 # dependency as a binary wheel for the target's Python and platform, and requirements.txt
@@ -17,12 +18,17 @@
 # pyproject.toml, the Python version and the platforms: a new appliance version reuses them.
 set -euo pipefail
 
-[[ $# -ge 2 ]] || { echo "usage: $0 OUT VERSION [PYTHON_VERSION] [PLATFORM...]" >&2; exit 2; }
+REPO=$(cd "$(dirname "$0")/.." && pwd)
+PYTHON=${PYTHON:-python3}
+DEPS_ONLY=
+if [[ ${1:-} == --deps ]]; then
+    DEPS_ONLY=1
+    set -- - 0
+fi
+[[ $# -ge 2 ]] || { echo "usage: $0 OUT VERSION [PYTHON_VERSION] [PLATFORM...] | $0 --deps" >&2; exit 2; }
 OUT=$1
 VERSION=$2
 shift 2
-REPO=$(cd "$(dirname "$0")/.." && pwd)
-PYTHON=${PYTHON:-python3}
 PYVER=${1:-$("$PYTHON" -c 'import sys; print(f"{sys.version_info[0]}.{sys.version_info[1]}")')}
 [[ $# -gt 0 ]] && shift
 if [[ $# -gt 0 ]]; then
@@ -33,13 +39,44 @@ else
 fi
 [[ $VERSION =~ ^[0-9]+(\.[0-9]+)*([a-z0-9.+-]*)$ ]] || { echo "bad version: $VERSION" >&2; exit 2; }
 
-# The runtime dependencies, read from pyproject.toml (never the dev or Jetson extras).
+# The runtime dependencies, read from pyproject.toml (never the dev or Jetson extras). The
+# controller may run Python 3.10 (JetPack 6.2's own, or Ubuntu 22.04's), which has no tomllib:
+# tomli (the same parser, pip install tomli) when it is there, else the `dependencies` array
+# alone, which this project writes as one string per line (comments allowed).
 DEPS=$("$PYTHON" - "$REPO/pyproject.toml" <<'PY'
-import sys, tomllib
-with open(sys.argv[1], "rb") as f:
-    print("\n".join(tomllib.load(f)["project"]["dependencies"]))
+import ast, re, sys
+path = sys.argv[1]
+try:
+    import tomllib
+except ModuleNotFoundError:
+    try:
+        import tomli as tomllib
+    except ModuleNotFoundError:
+        tomllib = None
+if tomllib is not None:
+    with open(path, "rb") as f:
+        deps = tomllib.load(f)["project"]["dependencies"]
+else:
+    with open(path, encoding="utf-8") as f:
+        text = f.read()
+    project = re.search(r"^\[project\]\n(.*?)(?=^\[|\Z)", text, re.M | re.S)
+    array = project and re.search(r"^dependencies\s*=\s*\[(.*?)^\]", project.group(1), re.M | re.S)
+    if not array:
+        sys.exit(f"{path}: no [project] dependencies array (install tomli: pip install tomli)")
+    lines = [ln for ln in array.group(1).splitlines() if ln.strip() and not ln.strip().startswith("#")]
+    try:
+        deps = ast.literal_eval("[" + "\n".join(lines) + "]")
+    except (SyntaxError, ValueError) as exc:
+        sys.exit(f"{path}: cannot read the dependencies array without tomli ({exc}): pip install tomli")
+    if not all(isinstance(d, str) for d in deps):
+        sys.exit(f"{path}: dependencies must be strings")
+print("\n".join(deps))
 PY
 )
+if [[ -n $DEPS_ONLY ]]; then
+    printf '%s\n' "$DEPS"
+    exit 0
+fi
 CACHE=${APPLIANCE_WHEELHOUSE_CACHE:-${XDG_CACHE_HOME:-$HOME/.cache}/appliance-wheelhouse}
 KEY=$(printf '%s\n%s\n%s\n' "$DEPS" "$PYVER" "${PLATFORMS[*]}" | sha256sum | cut -c1-12)
 DEPDIR=$CACHE/deps-$KEY

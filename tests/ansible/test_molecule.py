@@ -53,9 +53,15 @@ pytestmark = [
 ]
 
 
-def _molecule(scenario: str, tmp_path: Path, platforms: list[tuple[str, int]]) -> tuple[int, str]:
+def _molecule(
+    scenario: str,
+    tmp_path: Path,
+    platforms: list[tuple[str, int]],
+    extra_env: dict[str, str] | None = None,
+) -> tuple[int, str]:
     """Run `molecule test -s scenario`, then assert its hosts left nothing behind."""
     env = dict(os.environ)
+    env.update(extra_env or {})
     env["PATH"] = (
         f"{VENV_BIN}{os.pathsep}/usr/sbin{os.pathsep}/sbin{os.pathsep}{env.get('PATH', '')}"
     )
@@ -154,6 +160,17 @@ def test_docker_scenario_applies_the_right_fix_for_each_docker(tmp_path: Path) -
         ("dockerio", "'raw_table_missing_optout': docker.io 28.2.2 needs the raw table"),
     ):
         assert f'ok: [{host}] => {{ "msg": "docker_network case {decision}' in flat, host
+    # The port filter holds whether it starts before or after dockerd, across a Docker restart,
+    # without being restarted itself; a filter that fails to start says why (status, journal).
+    assert (
+        "FILTER-ORDER-OK filter before dockerd: ok; after dockerd started: ok; "
+        "after dockerd restarted: ok"
+    ) in flat, flat[-3000:]
+    assert re.search(
+        r"FILTER-FAILURE-REPORTED appliance-port-filter\.service could not be restarted: .*"
+        r"status=3.*sandbox-planted-filter-failure",
+        flat,
+    ), flat[-3000:]
     # The half-done host: its drop-in was unchanged, the daemon was restarted all the same.
     assert re.search(
         r"TASK \[docker_network : Restart Docker because the running daemon does not have the "
@@ -162,12 +179,49 @@ def test_docker_scenario_applies_the_right_fix_for_each_docker(tmp_path: Path) -
     ), flat[-3000:]
 
 
-@pytest.mark.timeout(600)
+@pytest.mark.timeout(900)
 def test_negative_scenario_refuses_wrong_hosts_and_decides_fixes(tmp_path: Path) -> None:
-    hosts = [("jetpack5", 31), ("not-a-jetson", 32), ("jetpack621", 65), ("jetpack61", 66)]
-    rc, output = _molecule("negative", tmp_path, hosts)
+    hosts = [
+        ("jetpack5", 31),
+        ("not-a-jetson", 32),
+        ("jetpack621", 65),
+        ("jetpack61", 66),
+        ("bad-override", 67),
+    ]
+    # Releases 1.0.0 and 2.0.0 for bad-override: the same code with another version string;
+    # the dependency wheels are cached, so only the appliance wheel is built each time.
+    wheelhouses = tmp_path / "wheelhouses"
+    for version in ("1.0.0", "2.0.0"):
+        built = subprocess.run(
+            [str(REPO / "tools" / "build-wheelhouse.sh"), str(wheelhouses / version), version],
+            env={**os.environ, "PYTHON": sys.executable},
+            check=False,
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
+        assert built.returncode == 0, f"build-wheelhouse.sh {version}: {built.stderr[-3000:]}"
+    rc, output = _molecule(
+        "negative", tmp_path, hosts, {"APPLIANCE_NEGATIVE_WHEELHOUSES": str(wheelhouses)}
+    )
     flat = _flat(output)
     assert rc == 0, output[-6000:]
+    # Issue 10, defect 10: the second run found its sources unchanged and apt without their
+    # packages, refreshed and installed them (the first failed in `apt-get update`).
+    assert "APT-REFRESHED containerd.io|ii |1.7.27-1" in flat, flat[-3000:]
+    assert "docker-ce|ii |5:28.0.4-1~debian.12~bookworm" in flat
+    assert "nvidia-container-toolkit|ii |1.17.8-1 docker.service active" in flat
+    # A model override release 2.0.0 refuses: the stage fails with its CLI's message, before
+    # the switch; 1.0.0 serves on with the same process and answers ready.
+    assert (
+        "OVERRIDE-REFUSED appliance 2.0.0 refuses its model overrides (appliance_models_override): "
+        "appliance models: override for 'mobilefacenet_128': unknown keys ['dynamic_batch']"
+    ) in flat, flat[-3000:]
+    assert re.search(
+        r"OLD-RELEASE-SERVING current /opt/appliance/releases/1\.0\.0; service active pid \d+; "
+        r"release 2\.0\.0 override absent",
+        flat,
+    ), flat[-3000:]
     assert "PREFLIGHT-ACCEPTED jetpack621: R36 REVISION 4.4 (JetPack 6.2.1)" in flat
     assert (
         "NEGATIVE-PREFLIGHT jetpack61: Preflight failed on jetpack61: L4T release: found R36 "
