@@ -173,6 +173,33 @@ def test_bad_override_file_exits_2(models_dir: Path, capsys: pytest.CaptureFixtu
     assert "family must be one of" in err
 
 
+@pytest.mark.parametrize(
+    ("det", "rec", "message"),
+    [
+        ("scrfd_10g_gnkps", "glintr_typo", "unknown model 'glintr_typo'; known models: "),
+        ("good_det", "good_det", "REC_MODEL an arcface model; got good_det (scrfd) and good_det"),
+    ],
+)
+def test_list_refuses_settings_that_select_an_unknown_or_wrong_model(
+    models_dir: Path,
+    capsys: pytest.CaptureFixture[str],
+    monkeypatch: pytest.MonkeyPatch,
+    det: str,
+    rec: str,
+    message: str,
+) -> None:
+    """The appliance role's pre-switch check: a release whose settings name a model its
+    registry (with the override) lacks, or of the wrong family, must not be switched to."""
+    monkeypatch.setenv("DET_MODEL", det)
+    monkeypatch.setenv("REC_MODEL", rec)
+
+    code, out, err = run_cli(capsys, "list", "--quick")
+
+    assert code == 2
+    assert out == ""
+    assert err.startswith("appliance models: ") and message in err
+
+
 def test_list_shows_state_and_checksum_of_each_model(
     models_dir: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -183,7 +210,8 @@ def test_list_shows_state_and_checksum_of_each_model(
 
     assert code == 0
     rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
-    assert out.splitlines()[0].split() == ["NAME", "FAMILY", "FILE", "STATE", "CHECKSUM"]
+    header = ["NAME", "FAMILY", "FILE", "STATE", "CHECKSUM", "SELECTED"]
+    assert out.splitlines()[0].split() == header
     assert rows["good_det"] == [
         "good_det",
         "scrfd",
@@ -193,13 +221,15 @@ def test_list_shows_state_and_checksum_of_each_model(
     ]
     assert rows["bad_rec"][3:] == ["checksum-mismatch", f"md5:{BAD_MD5}"]
     assert rows["loose_rec"][3:] == ["missing", "-"]
-    assert rows["glintr100"] == [
+    assert rows["glintr100"] == [  # the default REC_MODEL
         "glintr100",
         "arcface",
         "glintr100.onnx",
         "missing",
         "md5:3b366b98f786426f79629ddb2e56629c",
+        "REC_MODEL",
     ]
+    assert rows["scrfd_10g_gnkps"][-1] == "DET_MODEL"
     assert out.splitlines()[-1] == f"model directory: {models_dir}"
 
     code, out, _ = run_cli(capsys, "list", "--quick")

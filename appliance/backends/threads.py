@@ -39,11 +39,11 @@ def plan_threads(settings: Settings, backend: str, cpu_count: int | None = None)
     """The split for `backend` ("onnx" or "trt") on `cpu_count` cores (default: this host's).
 
     ONNX Runtime on CPU: one session per model using the whole budget as intra-op threads by
-    default. Parallel single-thread sessions (`DET_WORKERS`/`REC_WORKERS` = cores) run the
-    models alone faster, but served they lost: with a detector and a recognizer session per
-    core beside HTTP and pre/post-processing, more threads are runnable than there are cores;
-    the served rate fell below one shared session's, with a third more memory
-    (docs/BENCHMARKS.md). With several workers each session gets budget / workers threads.
+    default, the fastest for one client at a time. Parallel single-thread sessions
+    (`DET_WORKERS`/`REC_WORKERS` = cores) served 14-21 % more at 4-16 concurrent clients on an
+    idle 2-core machine but one client 38 % slower, with a third more memory
+    (docs/BENCHMARKS.md, "Idle re-measure"): a setting for hosts with many clients, not the
+    default. With several workers each session gets budget / workers threads.
     OpenCV runs single-threaded: its calls here are small (a resize, a warp) and already run
     on several executor threads at once. The executor gets one thread per core.
     """

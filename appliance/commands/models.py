@@ -120,14 +120,24 @@ def run(args: argparse.Namespace, out: TextIO | None = None, err: TextIO | None 
 def list_models(
     args: argparse.Namespace, settings: Settings, store: ModelStore, out: TextIO, err: TextIO
 ) -> int:
-    rows = [("NAME", "FAMILY", "FILE", "STATE", "CHECKSUM")]
+    # The models the settings select must exist with the right family: the appliance role runs
+    # this against a new release's settings and override before switching to it.
+    det, rec = (settings.det_model, settings.rec_model)
+    if not settings.demo_models:
+        try:
+            store.registry.selected(det, rec)
+        except RegistryError as exc:
+            print(f"appliance models: {exc}", file=err)
+            return EXIT_USAGE
+    rows = [("NAME", "FAMILY", "FILE", "STATE", "CHECKSUM", "SELECTED")]
     for name in store.registry.names():
         info = store.info(name)
         if args.quick:
             state = "present" if store.path(name).is_file() else ModelStatus.MISSING.value
         else:
             state = _state(store, name)
-        rows.append((name, info.family, info.file, state, info.checksum or "-"))
+        chosen = "DET_MODEL" if name == det else "REC_MODEL" if name == rec else ""
+        rows.append((name, info.family, info.file, state, info.checksum or "-", chosen))
     print(format_table(rows), file=out)
     print(f"model directory: {settings.models_dir}", file=out)
     return EXIT_OK

@@ -210,15 +210,11 @@ def load_models(settings: Settings) -> LoadedModels:
         build_demo_models(settings.models_dir, settings.max_size)
     try:
         registry = ModelRegistry.load(settings.override_file)
+        registry.selected(det_name, rec_name)  # names and families, before hashing any file
         det_info, det_path, det_sha = locate_model(settings, registry, det_name)
         rec_info, rec_path, rec_sha = locate_model(settings, registry, rec_name)
     except RegistryError as exc:
         raise ModelLoadError(str(exc)) from None
-    if det_info.family != "scrfd" or rec_info.family != "arcface":
-        raise ModelLoadError(
-            f"DET_MODEL must be an scrfd model and REC_MODEL an arcface model; got "
-            f"{det_name} ({det_info.family}) and {rec_name} ({rec_info.family})"
-        )
     try:
         kind, reason = choose_backend(settings)
     except BackendError as exc:

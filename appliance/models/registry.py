@@ -310,6 +310,17 @@ class ModelRegistry:
             known = ", ".join(sorted(self._models))
             raise RegistryError(f"unknown model {name!r}; known models: {known}") from None
 
+    def selected(self, det_name: str, rec_name: str) -> tuple[ModelInfo, ModelInfo]:
+        """The detector and recognizer DET_MODEL and REC_MODEL name, or RegistryError saying
+        which name is unknown or of the wrong family."""
+        det, rec = self.get(det_name), self.get(rec_name)
+        if det.family != "scrfd" or rec.family != "arcface":
+            raise RegistryError(
+                f"DET_MODEL must be an scrfd model and REC_MODEL an arcface model; got "
+                f"{det_name} ({det.family}) and {rec_name} ({rec.family})"
+            )
+        return det, rec
+
     def __contains__(self, name: object) -> bool:
         return name in self._models
 
