@@ -43,3 +43,15 @@ def photos() -> Path:
 def load_reference(photos: Path) -> dict[str, Any]:
     data: dict[str, Any] = json.loads((photos / "reference.json").read_text())
     return data
+
+
+def real_settings(models_dir: Path, **overrides: Any) -> dict[str, Any]:
+    """Server settings that run the shared real models, checksums enforced."""
+    return {
+        "models_dir": models_dir,
+        "det_model": REAL_DETECTOR,
+        "rec_model": REAL_RECOGNIZER,
+        "trust_unverified": False,
+        "det_batch_size": 1,
+        **overrides,
+    }

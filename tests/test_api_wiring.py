@@ -19,7 +19,7 @@ from appliance.api import state
 from appliance.pipeline.nvjpeg import load as load_nvjpeg
 from tests.conftest import PLANTED
 from tests.helpers import b64, jpeg
-from tests.real_data import REAL_DETECTOR, REAL_RECOGNIZER
+from tests.real_data import real_settings
 from tests.test_api import metric
 
 
@@ -139,18 +139,6 @@ async def test_draw_detections_analyses_only_the_first_image_without_the_recogni
     assert client.app[state.DECODER].budget.in_use == 0
 
 
-def real(real_models: Path, **overrides: Any) -> dict[str, Any]:
-    return {
-        "models_dir": real_models,
-        "det_model": REAL_DETECTOR,
-        "rec_model": REAL_RECOGNIZER,
-        "trust_unverified": False,
-        "det_batch_size": 1,
-        "rec_batch_size": 1,
-        **overrides,
-    }
-
-
 async def faces_of(client: Any, photo: bytes) -> list[dict[str, Any]]:
     body = {"images": {"data": [b64(photo)]}, "threshold": 0.5}
     resp = await client.post("/extract", json=body)
@@ -165,8 +153,10 @@ async def test_jpeg_dct_scaling_takes_effect_on_the_rest_path(
     # t1.jpg is 1280x886: exactly twice the 640x640 detector input, so with the setting on it
     # decodes at 1/2 scale (640x443), with it off (the default) in full.
     photo = (photos / "t1.jpg").read_bytes()
-    full = await faces_of(await serve(**real(real_models)), photo)
-    reduced = await faces_of(await serve(**real(real_models, jpeg_dct_scaling=True)), photo)
+    full = await faces_of(await serve(**real_settings(real_models, rec_batch_size=1)), photo)
+    reduced = await faces_of(
+        await serve(**real_settings(real_models, rec_batch_size=1, jpeg_dct_scaling=True)), photo
+    )
     assert len(full) == len(reduced) == 6
     for a, b in zip(full, reduced, strict=True):
         # Same faces, reported on the original image: boxes within a couple of pixels...
@@ -179,7 +169,7 @@ async def test_jpeg_dct_scaling_takes_effect_on_the_rest_path(
     drift = max(1.0 - float(np.dot(a["vec"], b["vec"])) for a, b in zip(full, reduced, strict=True))
     print(f"dct scaling on the REST path: largest similarity drift {drift:.2e}")
     assert drift > 1e-4
-    again = await faces_of(await serve(**real(real_models)), photo)
+    again = await faces_of(await serve(**real_settings(real_models, rec_batch_size=1)), photo)
     np.testing.assert_allclose([f["vec"] for f in again], [f["vec"] for f in full], atol=1e-6)
 
 

@@ -27,19 +27,8 @@ from tests.golden import (
     match,
     max_abs_diff,
 )
-from tests.real_data import REAL_DETECTOR, REAL_RECOGNIZER, load_reference
+from tests.real_data import REAL_DETECTOR, load_reference, real_settings
 from tests.test_golden import mosaic
-
-
-def real(real_models: Path, **overrides: Any) -> dict[str, Any]:
-    return {
-        "models_dir": real_models,
-        "det_model": REAL_DETECTOR,
-        "rec_model": REAL_RECOGNIZER,
-        "trust_unverified": False,
-        "det_batch_size": 1,
-        **overrides,
-    }
 
 
 async def extract(client: Any, images: list[bytes], **options: Any) -> list[dict[str, Any]]:
@@ -62,7 +51,7 @@ async def test_every_photo_and_probe_matches_the_reference_through_http(
     reference = load_reference(photos)
     keys = sorted(reference["images"])
     # Both models fix their batch at 1: at 4 each runs its batches in pieces.
-    client = await serve(**real(real_models, det_batch_size=4, rec_batch_size=4))
+    client = await serve(**real_settings(real_models, det_batch_size=4, rec_batch_size=4))
     info = await (await client.get("/info")).json()
     assert info["models"]["detector"]["batch_mode"] == "pieces"
     data = await extract(client, [(photos.parent / k).read_bytes() for k in keys])
@@ -94,7 +83,7 @@ async def test_every_photo_and_probe_matches_the_reference_through_http(
 async def test_default_answer_is_insightface_rest_integers_and_subpixel_the_floats(
     serve: Any, real_models: Path, photos: Path
 ) -> None:
-    client = await serve(**real(real_models, rec_batch_size=1))
+    client = await serve(**real_settings(real_models, rec_batch_size=1))
     image = (photos / "t1.jpg").read_bytes()
     (ints,) = await extract(client, [image])
     (floats,) = await extract(client, [image], subpixel=True)
@@ -120,7 +109,7 @@ async def test_default_answer_is_insightface_rest_integers_and_subpixel_the_floa
 async def test_info_reports_configured_and_effective_batch_and_embedding_size(
     serve: Any, real_models: Path, photos: Path, rec_batch_size: int
 ) -> None:
-    client = await serve(**real(real_models, rec_batch_size=rec_batch_size))
+    client = await serve(**real_settings(real_models, rec_batch_size=rec_batch_size))
     info = await (await client.get("/info")).json()
     rec = info["models"]["recognizer"]
     assert rec["embedding_size"] == 128
@@ -145,7 +134,7 @@ async def test_a_crowd_photo_is_answered_on_an_idle_server(
     crowd = mosaic(photos, reference, columns=12, rows=6)
     ok, jpeg = cv2.imencode(".jpg", crowd, [cv2.IMWRITE_JPEG_QUALITY, 95])
     assert ok
-    client = await serve(**real(real_models, max_size=(1536, 960), max_queue=64))
+    client = await serve(**real_settings(real_models, max_size=(1536, 960), max_queue=64))
     (result,) = await extract(client, [bytes(jpeg.tobytes())])
     assert len(result["faces"]) > 64
     vecs = np.array([f["vec"] for f in result["faces"]])
@@ -156,9 +145,9 @@ async def test_nms_threshold_setting_reaches_the_detector(
     serve: Any, real_models: Path, photos: Path
 ) -> None:
     image = (photos / "t1.jpg").read_bytes()
-    strict = await serve(**real(real_models))
+    strict = await serve(**real_settings(real_models))
     (default,) = await extract(strict, [image], threshold=0.3, extract_embedding=False)
-    lax = await serve(**real(real_models, nms_threshold=0.95))
+    lax = await serve(**real_settings(real_models, nms_threshold=0.95))
     (loose,) = await extract(lax, [image], threshold=0.3, extract_embedding=False)
     # The same candidates; 0.95 suppresses only near-identical boxes (see test_golden).
     assert len(default["faces"]) == 6
