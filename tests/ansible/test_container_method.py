@@ -10,7 +10,6 @@ where the v2 plugin is absent), the settings file must pass this checkout's
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -18,6 +17,8 @@ from pathlib import Path
 
 import pytest
 import yaml
+
+from tests.ansible.local_play import run_local_play
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -90,31 +91,7 @@ def _render(tmp_path: Path, **overrides: object) -> subprocess.CompletedProcess[
         **overrides,
     }
     (tmp_path / "etc").mkdir(exist_ok=True)
-    env = dict(os.environ)
-    env.update(
-        {
-            "PATH": f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-            "ANSIBLE_ROLES_PATH": str(REPO / "roles"),
-            "ANSIBLE_CONFIG": str(REPO / "ansible.cfg"),
-            "ANSIBLE_NOCOLOR": "1",
-        }
-    )
-    return subprocess.run(
-        [
-            str(VENV_BIN / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            str(playbook),
-            "-e",
-            json.dumps(extra),
-        ],
-        cwd=tmp_path,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_local_play(playbook, extra, tmp_path, ANSIBLE_CONFIG=str(REPO / "ansible.cfg"))
 
 
 @pytest.mark.timeout(300)

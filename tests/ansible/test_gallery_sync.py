@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import hashlib
 import json
-import os
 import shutil
 import subprocess
 import sys
@@ -27,6 +26,7 @@ from aiohttp import web
 
 from appliance.api.app import create_app
 from appliance.config import Settings
+from tests.ansible.local_play import run_local_play
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -92,13 +92,6 @@ def play(
         "- name: Sync\n  hosts: localhost\n  connection: local\n  gather_facts: false\n"
         "  roles:\n    - role: gallery_sync\n"
     )
-    env = dict(os.environ)
-    env.update(
-        PATH=f"{VENV_BIN}{os.pathsep}{env.get('PATH', '')}",
-        ANSIBLE_ROLES_PATH=str(REPO / "roles"),
-        ANSIBLE_NOCOLOR="1",
-        ANSIBLE_LOCALHOST_WARNING="false",
-    )
     extra = {
         "gallery_sync_snapshot": str(snapshot),
         "gallery_sync_api": api,
@@ -107,22 +100,7 @@ def play(
         "ansible_python_interpreter": sys.executable,
         **extra_vars,
     }
-    return subprocess.run(
-        [
-            str(VENV_BIN / "ansible-playbook"),
-            "-i",
-            "localhost,",
-            str(playbook),
-            "-e",
-            json.dumps(extra),
-        ],
-        cwd=tmp,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-        check=False,
-    )
+    return run_local_play(playbook, extra, tmp, ANSIBLE_LOCALHOST_WARNING="false")
 
 
 def http(url: str, body: Any = None, token: str = "") -> tuple[int, bytes]:
