@@ -333,3 +333,19 @@ def test_subprocess_fetch_then_verify(models_dir: Path, server: FileServer) -> N
         f"bad_rec: missing: {models_dir / 'bad_rec.onnx'}",
     ]
     assert [s.path for s in server.seen] == ["/good.onnx"]
+
+
+def test_list_marks_the_demo_pair_as_selected_in_demo_mode(
+    models_dir: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The demo pair replaces DET_MODEL/REC_MODEL: an unknown name there is not what runs.
+    monkeypatch.setenv("DEMO_MODELS", "1")
+    monkeypatch.setenv("REC_MODEL", "glintr_typo")
+
+    code, out, _ = run_cli(capsys, "list", "--quick")
+
+    assert code == 0
+    rows = {line.split()[0]: line.split() for line in out.splitlines()[1:-1]}
+    assert rows["demo_scrfd"][-1] == "DET_MODEL"
+    assert rows["demo_arcface"][-1] == "REC_MODEL"
+    assert rows["glintr100"][-1] != "REC_MODEL"

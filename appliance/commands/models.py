@@ -17,7 +17,7 @@ from typing import Any, TextIO
 
 from appliance.config import ConfigError, Settings, load_settings
 from appliance.logs import configure_logging
-from appliance.models.registry import ModelRegistry, RegistryError
+from appliance.models.registry import ModelRegistry, RegistryError, model_names
 from appliance.models.store import (
     ModelStatus,
     ModelStore,
@@ -122,13 +122,12 @@ def list_models(
 ) -> int:
     # The models the settings select must exist with the right family: the appliance role runs
     # this against a new release's settings and override before switching to it.
-    det, rec = (settings.det_model, settings.rec_model)
-    if not settings.demo_models:
-        try:
-            store.registry.selected(det, rec)
-        except RegistryError as exc:
-            print(f"appliance models: {exc}", file=err)
-            return EXIT_USAGE
+    det, rec = model_names(settings)
+    try:
+        store.registry.selected(det, rec)
+    except RegistryError as exc:
+        print(f"appliance models: {exc}", file=err)
+        return EXIT_USAGE
     rows = [("NAME", "FAMILY", "FILE", "STATE", "CHECKSUM", "SELECTED")]
     for name in store.registry.names():
         info = store.info(name)

@@ -21,11 +21,10 @@ from appliance.backends.threads import ThreadPlan, plan_threads
 from appliance.config import Settings
 from appliance.models import onnx_graph
 from appliance.models.registry import (
-    DEMO_DETECTOR,
-    DEMO_RECOGNIZER,
     ModelInfo,
     ModelRegistry,
     RegistryError,
+    model_names,
 )
 from appliance.pipeline.batcher import DynamicBatcher
 from appliance.pipeline.faces import FaceAnalyzer, ModelSlot
@@ -104,12 +103,6 @@ class LoadedModels:
     def close(self) -> None:
         self.detector.close()
         self.recognizer.close()
-
-
-def model_names(settings: Settings) -> tuple[str, str]:
-    if settings.demo_models:
-        return DEMO_DETECTOR, DEMO_RECOGNIZER
-    return settings.det_model, settings.rec_model
 
 
 def locate_model(

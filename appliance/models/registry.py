@@ -17,6 +17,8 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, Literal
 
+from appliance.config import Settings
+
 Family = Literal["scrfd", "arcface"]
 FAMILIES: tuple[Family, ...] = ("scrfd", "arcface")
 GDRIVE_URL = "https://drive.google.com/uc?export=download&id={file_id}"
@@ -204,6 +206,16 @@ BUILTIN_MODELS: dict[str, ModelInfo] = {
 # Names of the generated test models (appliance.models.demo); never downloaded.
 DEMO_DETECTOR = "demo_scrfd"
 DEMO_RECOGNIZER = "demo_arcface"
+
+
+def model_names(settings: Settings) -> tuple[str, str]:
+    """The detector and recognizer the settings select: DET_MODEL and REC_MODEL, or the
+    generated demo pair."""
+    if settings.demo_models:
+        return DEMO_DETECTOR, DEMO_RECOGNIZER
+    return settings.det_model, settings.rec_model
+
+
 DEMO_MODELS: dict[str, ModelInfo] = {
     DEMO_DETECTOR: ModelInfo(
         name=DEMO_DETECTOR,
