@@ -114,7 +114,9 @@ def test_loader_opens_workers_with_the_rewrite_and_says_so(real_models: Path) ->
         assert rec.backend.inputs[0].dtype == "uint8"
         facts = det.describe()
         assert facts["workers"] == 2 and facts["input"].startswith("uint8 NHWC")
-        assert loaded.threads.intra_op_threads == 1
+        # Fixed worker counts: the budget split between them, no wide session.
+        assert loaded.threads.det.intra_op_threads == loaded.threads.rec.intra_op_threads == 1
+        assert det.backend.wide is None and facts["wide_session_threads"] == 0
     finally:
         loaded.close()
 

@@ -188,9 +188,12 @@ async def run_analysis(
 
     async def run() -> list[Outcome]:
         outcomes: list[Outcome] = []
-        for start in range(0, req.count, size):
-            group = range(start, min(start + size, req.count))
-            outcomes += await analyze_group(app, req, group, held)
+        # Counted from before the first decode: this request's model runs are coming, so a
+        # run of another request must not take every core meanwhile (`batcher.Demand`).
+        with app[state.ANALYZER].demand.analysis():
+            for start in range(0, req.count, size):
+                group = range(start, min(start + size, req.count))
+                outcomes += await analyze_group(app, req, group, held)
         return outcomes
 
     try:

@@ -6,7 +6,9 @@ from pathlib import Path
 from typing import Literal
 
 from appliance.backends.base import BackendError, InferenceBackend
+from appliance.backends.cores import CoreGate
 from appliance.backends.pool import BackendPool
+from appliance.backends.threads import ModelThreads
 from appliance.config import Settings
 from appliance.models.onnx_graph import InputRewrite
 from appliance.models.registry import ModelInfo
@@ -83,22 +85,29 @@ def open_pool(
     info: ModelInfo,
     model_path: Path,
     max_batch: int,
-    workers: int,
+    threads: ModelThreads,
     input_rewrite: InputRewrite | None,
-    intra_op_threads: int,
+    gate: CoreGate | None = None,
 ) -> BackendPool:
-    """`workers` sessions (ONNX Runtime) or execution contexts of one engine (TensorRT)."""
+    """`threads.workers` sessions (ONNX Runtime) or execution contexts of one engine
+    (TensorRT); on ONNX Runtime, with `threads.wide_threads`, one wide session more, run when
+    `gate` gives a run every core."""
     if kind == "trt":
         from appliance.backends.tensorrt import open_tensorrt_backends
 
         return BackendPool(
             open_tensorrt_backends(
-                settings, info, model_path, max_batch, workers, input_rewrite=input_rewrite
+                settings, info, model_path, max_batch, threads.workers, input_rewrite=input_rewrite
             )
         )
+    sizes = [threads.intra_op_threads] * threads.workers
+    if threads.adaptive:
+        if gate is None:
+            raise BackendError(f"{info.name}: a wide session needs the process's core gate")
+        sizes.append(threads.wide_threads)
     members: list[InferenceBackend] = []
     try:
-        for _ in range(workers):
+        for intra_op_threads in sizes:
             members.append(
                 open_backend(
                     kind, settings, info, model_path, max_batch, input_rewrite, intra_op_threads
@@ -108,4 +117,6 @@ def open_pool(
         for member in members:
             member.close()
         raise
+    if threads.adaptive:
+        return BackendPool(members[:-1], wide=members[-1], gate=gate)
     return BackendPool(members)

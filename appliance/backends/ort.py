@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import os
 from pathlib import Path
 
@@ -20,6 +21,26 @@ from appliance.models.registry import ModelInfo
 
 # Preferred first; only those the installed onnxruntime build offers are used.
 PROVIDER_PREFERENCE = ("CUDAExecutionProvider", "CPUExecutionProvider")
+
+
+@functools.cache
+def shared_cpu_arena() -> None:
+    """Register one CPU arena with ONNX Runtime's environment, once per process.
+
+    The adaptive default opens three sessions per model (`backends.threads`); with an arena
+    each they held ~100 MB more on the real models (docs/BENCHMARKS.md, "Adaptive
+    sessions"). The environment is ONNX Runtime's own process-wide state, so the cache is
+    too: registering again installs a fresh arena for the sessions opened after it, which
+    is just what sharing is meant to avoid.
+    """
+    import onnxruntime as ort
+
+    ort.create_and_register_allocator(
+        ort.OrtMemoryInfo(
+            "Cpu", ort.OrtAllocatorType.ORT_ARENA_ALLOCATOR, 0, ort.OrtMemType.DEFAULT
+        ),
+        ort.OrtArenaCfg(0, -1, -1, -1),
+    )
 
 
 class OnnxRuntimeBackend:
@@ -55,10 +76,15 @@ class OnnxRuntimeBackend:
                 raise BackendError(f"{model_path}: cannot take uint8 input: {exc}") from None
         options = ort.SessionOptions()
         options.intra_op_num_threads = intra_op_threads or (os.cpu_count() or 1)
+        self.intra_op_threads = options.intra_op_num_threads
         options.log_severity_level = 3
         # Idle intra-op threads otherwise spin for a while after each run, taking the cores
         # that image decoding and post-processing need between batches.
         options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+        # Every session of the process draws from one CPU arena instead of growing its own
+        # (`shared_cpu_arena`).
+        shared_cpu_arena()
+        options.add_session_config_entry("session.use_env_allocators", "1")
         available = set(ort.get_available_providers())
         self.providers = [p for p in PROVIDER_PREFERENCE if p in available] or [
             "CPUExecutionProvider"

@@ -15,9 +15,10 @@ from typing import Any, Protocol
 import structlog
 
 from appliance.backends.base import BackendError, InferenceBackend
+from appliance.backends.cores import CoreGate
 from appliance.backends.factory import ResolvedBackend, choose_backend, open_pool
 from appliance.backends.pool import BackendPool
-from appliance.backends.threads import ThreadPlan, plan_threads
+from appliance.backends.threads import ModelThreads, ThreadPlan, plan_threads
 from appliance.config import Settings
 from appliance.models import onnx_graph
 from appliance.models.registry import (
@@ -26,7 +27,7 @@ from appliance.models.registry import (
     RegistryError,
     model_names,
 )
-from appliance.pipeline.batcher import DynamicBatcher
+from appliance.pipeline.batcher import Demand, DynamicBatcher
 from appliance.pipeline.faces import FaceAnalyzer, ModelSlot
 
 log = structlog.get_logger("appliance.models.loader")
@@ -47,6 +48,7 @@ class LoadedModel:
     sha256: str
     # (width, height) the analyzer feeds the model.
     input_size: tuple[int, int]
+    threads: ModelThreads
 
     def output_names(self) -> tuple[str, ...]:
         return tuple(o.name for o in self.backend.outputs)
@@ -77,6 +79,9 @@ class LoadedModel:
             "input_size": list(self.input_size),
             "max_batch": self.backend.max_batch,
             "workers": self.backend.workers,
+            # ONNX Runtime's adaptive default: the threads of the session a run gets when it
+            # finds every core free (0: every run on one of the `workers` sessions).
+            "wide_session_threads": self.threads.wide_threads,
             "input": "uint8 NHWC BGR; colour order, mean/std and NCHW run in the graph",
             "normalizes_input": self.normalizes_input,
             "rgb": self.info.default_preprocess.rgb,
@@ -162,15 +167,13 @@ def load_model(
     path: Path,
     sha256: str,
     max_batch: int,
-    workers: int = 1,
-    intra_op_threads: int = 1,
+    threads: ModelThreads,
+    gate: CoreGate | None = None,
 ) -> LoadedModel:
     normalizes = normalizes_input(info, path)
     rewrite = input_rewrite(info, normalizes)
     try:
-        backend = open_pool(
-            kind, settings, info, path, max_batch, workers, rewrite, intra_op_threads
-        )
+        backend = open_pool(kind, settings, info, path, max_batch, threads, rewrite, gate)
     except BackendError as exc:
         raise ModelLoadError(str(exc)) from None
     try:
@@ -188,10 +191,11 @@ def load_model(
         effective_batch=plan.effective,
         batch_mode=plan.mode,
         reason=plan.reason,
-        workers=workers,
+        workers=threads.workers,
+        wide_threads=threads.wide_threads,
         input_rewrite=rewrite.describe(),
     )
-    return LoadedModel(info, path, backend, normalizes, sha256, size)
+    return LoadedModel(info, path, backend, normalizes, sha256, size, threads)
 
 
 def load_models(settings: Settings) -> LoadedModels:
@@ -215,6 +219,8 @@ def load_models(settings: Settings) -> LoadedModels:
     threads = plan_threads(settings, kind)
     log.info("backend_chosen", backend=kind, reason=reason, **threads.describe())
     apply_opencv_threads(threads)
+    # One gate for both models: a detector run and a recognizer run share the same cores.
+    gate = CoreGate(threads.cpu_threads) if threads.adaptive else None
     det = load_model(
         kind,
         settings,
@@ -222,8 +228,8 @@ def load_models(settings: Settings) -> LoadedModels:
         det_path,
         det_sha,
         settings.det_batch_size,
-        threads.det_workers,
-        threads.intra_op_threads,
+        threads.det,
+        gate,
     )
     try:
         rec = load_model(
@@ -233,8 +239,8 @@ def load_models(settings: Settings) -> LoadedModels:
             rec_path,
             rec_sha,
             settings.rec_batch_size,
-            threads.rec_workers,
-            threads.intra_op_threads,
+            threads.rec,
+            gate,
         )
     except BaseException:
         det.close()
@@ -292,7 +298,11 @@ def build_analyzer(
             settings.max_queue,
             None if metrics is None else (lambda tags, s: metrics.observe_batch(name, tags, s)),
             None if metrics is None else (lambda tag, _n: metrics.observe_submission(name, tag)),
+            demand,
         )
+
+    # One count of analyses for both batchers: a lone request's runs may take every core.
+    demand = Demand()
 
     det = batcher("detector", loaded.detector)
     rec = batcher("recognizer", loaded.recognizer)
@@ -307,5 +317,6 @@ def build_analyzer(
         loaded.recognizer.slot(rec),
         executor,
         nms_threshold=settings.nms_threshold,
+        demand=demand,
     )
     return ServingAnalyzer(analyzer, det, rec, executor)

@@ -15,12 +15,13 @@ delivered and logs it.
 from __future__ import annotations
 
 import asyncio
+import contextvars
 import dataclasses
 import threading
 import time
 from collections import deque
-from collections.abc import Callable, Sequence
-from contextlib import AbstractContextManager
+from collections.abc import Callable, Iterator, Sequence
+from contextlib import AbstractContextManager, contextmanager
 from typing import Any, Protocol, runtime_checkable
 
 import numpy as np
@@ -57,7 +58,43 @@ class WorkerPool(Protocol):
     @property
     def workers(self) -> int: ...
 
-    def lease(self, index: int) -> AbstractContextManager[BatchWorker]: ...
+    def lease(self, index: int, alone: bool = False) -> AbstractContextManager[BatchWorker]:
+        """Session `index` (or a wider one: `alone` says nothing is queued behind the run)."""
+        ...
+
+
+class Demand:
+    """Analyses in progress (a request's images, a stream frame), counted where they start
+    and read by the batchers' worker threads: a model run may take every core (`WorkerPool`'s
+    `alone`) only while it serves the one analysis there is; with more, other runs follow
+    at once and each should take one core.
+
+    One analysis counts once however deeply it enters: the API counts a request from before
+    its images are decoded (its model runs are coming), and the analyzer's own entry inside
+    it, in the same task or one it started, adds nothing.
+    """
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._counted: contextvars.ContextVar[bool] = contextvars.ContextVar(
+            f"demand-{id(self)}", default=False
+        )
+        self.active = 0
+
+    @contextmanager
+    def analysis(self) -> Iterator[None]:
+        if self._counted.get():
+            yield
+            return
+        token = self._counted.set(True)
+        with self._lock:
+            self.active += 1
+        try:
+            yield
+        finally:
+            with self._lock:
+                self.active -= 1
+            self._counted.reset(token)
 
 
 class QueueFullError(RuntimeError):
@@ -90,10 +127,12 @@ class DynamicBatcher:
         max_queue: int,
         observer: BatchObserver | None = None,
         submit_observer: SubmitObserver | None = None,
+        demand: Demand | None = None,
     ) -> None:
         """`run_batch` is a function of a stacked batch, or a `WorkerPool` (also given as its
         bound `infer`): then one worker thread drives each member, assembling each batch in
-        that member's input buffer."""
+        that member's input buffer. `demand`: the analyses in progress, shared with the
+        analyzer; without it a run is alone whenever it leaves the queue empty."""
         if max_batch < 1 or max_queue < 1:
             raise ValueError("max_batch and max_queue must be >= 1")
         self.name = name
@@ -109,6 +148,7 @@ class DynamicBatcher:
             self._run_batch: RunBatch = run_batch
         self._observer = observer
         self._submit_observer = submit_observer
+        self._demand = demand
         self._queue: deque[_Item] = deque()
         self._cond = threading.Condition()
         self._closed = False
@@ -192,7 +232,8 @@ class DynamicBatcher:
                 q.future.cancel()
             raise
 
-    def _take_batch(self) -> list[_Item] | None:
+    def _take_batch(self) -> tuple[list[_Item], bool] | None:
+        """The next batch, and whether the queue was left empty by it."""
         with self._cond:
             while not self._queue and not self._closed:
                 self._cond.wait()
@@ -211,21 +252,23 @@ class DynamicBatcher:
                 item = self._queue.popleft()
                 if not item.future.cancelled():
                     batch.append(item)
-            return batch
+            busy = self._demand is not None and self._demand.active > 1
+            return batch, not self._queue and not busy
 
     def _worker(self, index: int) -> None:
         while True:
-            batch = self._take_batch()
-            if batch is None:
+            taken = self._take_batch()
+            if taken is None:
                 return
+            batch, alone = taken
             if not batch:
                 continue
-            self._run(batch, index)
+            self._run(batch, index, alone)
 
-    def _infer(self, batch: list[_Item], index: int) -> Outputs:
+    def _infer(self, batch: list[_Item], index: int, alone: bool) -> Outputs:
         if self._pool is None:
             return self._run_batch(np.stack([item.data for item in batch]))
-        with self._pool.lease(index) as backend:
+        with self._pool.lease(index, alone) as backend:
             # Straight into the buffer the backend reads (page-locked memory on TensorRT):
             # one copy per item, no intermediate stacked batch.
             buffer = backend.input_buffer(len(batch))
@@ -233,10 +276,10 @@ class DynamicBatcher:
                 row[...] = item.data
             return backend.infer(buffer)
 
-    def _run(self, batch: list[_Item], index: int = 0) -> None:
+    def _run(self, batch: list[_Item], index: int = 0, alone: bool = False) -> None:
         start = time.perf_counter()
         try:
-            outputs = self._infer(batch, index)
+            outputs = self._infer(batch, index, alone)
             short = [name for name, value in outputs.items() if value.shape[0] < len(batch)]
             if short:
                 raise RuntimeError(f"{self.name}: outputs {short} have fewer rows than the batch")

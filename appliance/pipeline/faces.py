@@ -20,7 +20,7 @@ import numpy.typing as npt
 
 from appliance.models.registry import ModelInfo
 from appliance.pipeline import align, embed
-from appliance.pipeline.batcher import DynamicBatcher
+from appliance.pipeline.batcher import Demand, DynamicBatcher
 from appliance.pipeline.detect import NMS_THRESHOLD, Detection, decode_scrfd
 from appliance.pipeline.images import Decoded, ImageArray, letterbox
 
@@ -99,8 +99,11 @@ class FaceAnalyzer:
         recognizer: ModelSlot | None,
         executor: Executor,
         nms_threshold: float = NMS_THRESHOLD,
+        demand: Demand | None = None,
     ) -> None:
         self.detector = detector
+        # Shared with the batchers (`loader.build_analyzer`): how many analyses are running.
+        self.demand = demand or Demand()
         self.recognizer = recognizer
         self.nms_threshold = nms_threshold
         self._executor = executor
@@ -191,6 +194,12 @@ class FaceAnalyzer:
     ) -> list[ImageResult]:
         """Every image of a request: detections run concurrently (the detector's batcher
         groups them), then the crops of all images go to the recognizer in one submission."""
+        with self.demand.analysis():
+            return await self._analyze_many(images, options)
+
+    async def _analyze_many(
+        self, images: Sequence[ImageArray | Decoded | Prepared], options: AnalyzeOptions
+    ) -> list[ImageResult]:
         decoded = [
             i if isinstance(i, (Decoded, Prepared)) else Decoded(i, 1.0, 1.0) for i in images
         ]
@@ -215,6 +224,10 @@ class FaceAnalyzer:
         self, images: Sequence[ImageArray], source: str = "rest"
     ) -> list[ImageResult]:
         """Each image is already an aligned crop: all are embedded in one submission."""
+        with self.demand.analysis():
+            return await self._embed_many(images, source)
+
+    async def _embed_many(self, images: Sequence[ImageArray], source: str) -> list[ImageResult]:
         t0 = time.perf_counter()
         crops = []
         for img in images:
