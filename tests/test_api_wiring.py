@@ -192,3 +192,34 @@ async def test_extract_decodes_and_letterboxes_an_image_in_one_executor_job(
     assert len((await resp.json())["data"][0]["faces"]) == 3
     # Decode + letterbox, then SCRFD decoding + alignment: two hand-offs, not three.
     assert len(jobs) == 2, jobs
+
+
+async def test_a_request_counts_as_an_analysis_from_before_its_decode(serve: Any) -> None:
+    client = await serve(cpu_threads=2)
+    # Both executor threads held: the request's decode cannot start until they are let go.
+    release = threading.Event()
+    loop = asyncio.get_running_loop()
+    executor = client.app[state.EXECUTOR]
+    held = [loop.run_in_executor(executor, release.wait, 10) for _ in range(2)]
+    # Small enough that its body and base64 are parsed on the loop (OFFLOAD_BYTES).
+    request = asyncio.create_task(
+        client.post("/extract", json={"images": {"data": [b64(jpeg(320, 240))]}})
+    )
+    try:
+        for _ in range(200):
+            text = await (await client.get("/metrics")).text()
+            if metric(text, "appliance_analyses_in_progress") == 1:
+                break
+            await asyncio.sleep(0.01)
+        # Counted while it waits to be decoded, so another request's model run would take
+        # one core, not both; no model run holds a core yet.
+        assert metric(text, "appliance_analyses_in_progress") == 1
+        assert metric(text, "appliance_model_cores_in_use") == 0
+    finally:
+        release.set()
+        await asyncio.gather(*held)
+    resp = await request
+    assert resp.status == 200 and (await resp.json())["data"][0]["status"] == "ok"
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "appliance_analyses_in_progress") == 0
+    assert metric(text, "appliance_model_cores_in_use") == 0

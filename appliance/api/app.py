@@ -48,6 +48,10 @@ async def models_ctx(app: web.Application) -> AsyncIterator[None]:
     app[state.ANALYZER] = serving.analyzer
     metrics.queue_depth.labels("detector").set_function(lambda: serving.detector.depth)
     metrics.queue_depth.labels("recognizer").set_function(lambda: serving.recognizer.depth)
+    metrics.analyses.set_function(lambda: serving.analyzer.demand.active)
+    gate = det.backend.gate
+    if gate is not None:
+        metrics.cores_in_use.set_function(lambda: gate.cores - gate.free)
     models = app[state.MODELS]
     models.backend = loaded.backend
     models.backend_reason = loaded.backend_reason

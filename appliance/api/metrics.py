@@ -66,6 +66,17 @@ class Metrics:
         self.queue_depth = Gauge(
             "appliance_queue_depth", "Items waiting in a batcher", ["model"], registry=r
         )
+        # The adaptive sessions' inputs (`backends.cores`, `pipeline.batcher.Demand`).
+        self.analyses = Gauge(
+            "appliance_analyses_in_progress",
+            "Requests and stream frames being analysed now",
+            registry=r,
+        )
+        self.cores_in_use = Gauge(
+            "appliance_model_cores_in_use",
+            "CPU cores held by model runs now (ONNX Runtime's adaptive sessions)",
+            registry=r,
+        )
         self.queue_rejections = Counter(
             "appliance_queue_rejections_total",
             "Work refused because a queue was full",
