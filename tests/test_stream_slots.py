@@ -44,7 +44,9 @@ async def test_many_streams_share_a_few_frame_slots_and_all_get_their_newest_fra
     serve: Any, slow_models_dir: Path
 ) -> None:
     # One detector worker with batch 1: 2 x 1 x 1 + 1 = 3 slots for 8 streams.
-    client = await serve(models_dir=slow_models_dir, det_batch_size=1, stream_max_fps=1000.0)
+    client = await serve(
+        models_dir=slow_models_dir, det_batch_size=1, det_workers=1, stream_max_fps=1000.0
+    )
     app = client.server.app
     slots = app[STREAMS].slots
     assert slots is not None and slots.size == 3
