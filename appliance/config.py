@@ -104,6 +104,10 @@ class Settings:
     stream_heartbeat_s: float = 10.0
     stream_max_bad_frames: int = 5
     stream_send_queue: int = 8
+    # Stream frames decoded or in analysis at once, shared by every stream. 0 = from the
+    # detector: 2 x workers x batch + 1 (a batch running on every worker, as many queued, one
+    # being decoded).
+    stream_frame_slots: int = 0
 
     # Watchdog (DESIGN section 5).
     watchdog_interval_s: float = 1.0
@@ -227,6 +231,10 @@ def _validate(s: Settings) -> None:
             raise ConfigError(
                 f"{name.upper()} must be within 0..256 (0 = auto), got {getattr(s, name)}"
             )
+    if not 0 <= s.stream_frame_slots <= 1024:
+        raise ConfigError(
+            f"STREAM_FRAME_SLOTS must be within 0..1024 (0 = auto), got {s.stream_frame_slots}"
+        )
     if s.retry_after_s < 0 or s.stream_max_bad_frames < 0:
         raise ConfigError("RETRY_AFTER_S and STREAM_MAX_BAD_FRAMES must be >= 0")
     if not s.temp_warm_c < s.temp_hot_c < s.temp_critical_c:

@@ -10,9 +10,11 @@ from pathlib import Path
 from typing import Any
 
 import aiohttp
+import pytest
 
 from appliance.api import state
 from appliance.api.state import STREAMS
+from appliance.config import ConfigError, load_settings
 from tests import stream_fixtures
 from tests.helpers import jpeg
 from tests.stream_fixtures import metric, receive_until
@@ -86,3 +88,17 @@ async def test_many_streams_share_a_few_frame_slots_and_all_get_their_newest_fra
     assert max(per_stream) - min(per_stream) <= 2
     assert processed == sum(per_stream) and replaced > 0
     assert metric(text, "appliance_stream_frame_slots") == slots.size
+
+
+async def test_stream_frame_slots_setting_overrides_the_detectors_count(serve: Any) -> None:
+    client = await serve(stream_frame_slots=7, det_workers=1, det_batch_size=1)
+    slots = client.server.app[STREAMS].slots
+    assert slots is not None and slots.size == 7  # not the 3 one worker at batch 1 gives
+    text = await (await client.get("/metrics")).text()
+    assert metric(text, "appliance_stream_frame_slots") == 7
+
+
+@pytest.mark.parametrize("value", ["-1", "1025"])
+def test_stream_frame_slots_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"STREAM_FRAME_SLOTS must be within 0\.\.1024"):
+        load_settings(env={"STREAM_FRAME_SLOTS": value})

@@ -120,7 +120,12 @@ async def policy_subscription_ctx(app: web.Application) -> AsyncIterator[None]:
 async def frame_slots_ctx(app: web.Application) -> AsyncIterator[None]:
     """Size the streams' shared frame slots from the detector (after the models' context)."""
     batcher = app[state.ANALYZER].detector.batcher
-    slots = FrameSlots.for_detector(batcher.workers, batcher.max_batch)
+    configured = app[state.SETTINGS].stream_frame_slots
+    slots = (
+        FrameSlots(configured)
+        if configured
+        else FrameSlots.for_detector(batcher.workers, batcher.max_batch)
+    )
     app[state.STREAMS].slots = slots
     app[state.STREAM_METRICS].in_analysis.set_function(lambda: slots.in_use)
     app[state.STREAM_METRICS].slots.set(slots.size)
